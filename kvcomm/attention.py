@@ -1,0 +1,89 @@
+"""The `kvcomm` attention implementation: SDPA, plus two things selective sharing needs.
+
+Registered through transformers' public `AttentionInterface` (no monkey-patching).
+
+1. **Layers of different lengths.** In selective sharing the sender's KV sits in front of the
+   receiver's own KV in the *selected* layers only; unselected layers hold the receiver's tokens alone,
+   so nothing at the sender positions exists there to be attended. kvcomm passes one 4-D additive mask
+   sized for the longest layer (all sender tokens + receiver tokens); each layer uses its *rightmost*
+   `key_len` columns. Since the mask is causal over the receiver's tokens, the right-aligned slice is
+   the correct causal mask for every layer. When the mask and the keys have the same length (every
+   ordinary call) this is exactly SDPA.
+2. **Attention-importance recording** (KVComm Eq. 1). When a `kvcomm_recorder` is passed to the model
+   call, each layer also computes its softmax attention weights and adds the mass that the query
+   tokens put on the first `recorder.context_len` key columns (the sender's context), averaged over
+   heads and queries.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAME = "kvcomm"
+_registered = False
+
+
+class ImportanceRecorder:
+    """Collects Ŝ_l = 1/(H·|Q|) Σ_h Σ_q Σ_{c<C} a^l_{h,q,c} per layer, summed over calls."""
+
+    def __init__(self, num_layers: int, context_len: int):
+        self.context_len = context_len
+        self.sums = torch.zeros(num_layers, dtype=torch.float64)
+        self.calls = torch.zeros(num_layers, dtype=torch.long)
+
+    def add(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float):
+        n_rep = query.shape[1] // key.shape[1]
+        k = key.repeat_interleave(n_rep, dim=1) if n_rep > 1 else key
+        scores = torch.matmul(query.float(), k.float().transpose(-1, -2)) * scaling
+        if mask is not None:
+            scores = scores + mask.float() if mask.dtype != torch.bool else scores.masked_fill(~mask, float("-inf"))
+        weights = torch.softmax(scores, dim=-1)
+        mass = weights[..., : self.context_len].sum(-1)  # [batch, heads, q]
+        self.sums[layer] += mass.mean().item()
+        self.calls[layer] += 1
+
+    def scores(self) -> torch.Tensor:
+        """Mean raw score per layer (Ŝ), over the calls recorded."""
+        return self.sums / self.calls.clamp(min=1)
+
+
+def kvcomm_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    recorder: ImportanceRecorder | None = kwargs.pop("kvcomm_recorder", None)
+    if attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
+        if attention_mask.shape[-1] < key.shape[-2]:
+            raise ValueError(
+                f"kvcomm: mask covers {attention_mask.shape[-1]} keys but layer {module.layer_idx} holds "
+                f"{key.shape[-2]}; build the mask for the longest layer"
+            )
+        attention_mask = attention_mask[..., -key.shape[-2] :]
+    if recorder is not None:
+        recorder.add(module.layer_idx, query, key, attention_mask, scaling if scaling is not None else query.shape[-1] ** -0.5)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+
+def register() -> None:
+    """Register `kvcomm` with transformers' attention and mask interfaces (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, kvcomm_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    _registered = True
+
+
+def causal_mask(num_prefix: int, num_past: int, num_new: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Additive 4-D mask [1, 1, num_new, num_prefix + num_past + num_new].
+
+    New tokens see every prefix (sender) column and every past column, and each other causally.
+    """
+    total = num_prefix + num_past + num_new
+    mask = torch.zeros(1, 1, num_new, total, dtype=dtype, device=device)
+    if num_new > 1:
+        upper = torch.triu(torch.ones(num_new, num_new, dtype=torch.bool, device=device), diagonal=1)
+        mask[0, 0, :, total - num_new :].masked_fill_(upper, torch.finfo(dtype).min)
+    return mask

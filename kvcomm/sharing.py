@@ -1,0 +1,164 @@
+"""Selective KV sharing (KVComm, Shi et al. 2025): sender prefill, receiver generation.
+
+Sender: one prefill over the context only; its KV (keys after RoPE, positions 0..|C|-1) for every
+layer becomes a `KVMessage`, of which the chosen layers are sent.
+
+Receiver: builds a `DynamicCache` in which each *selected* layer starts with the sender's KV and each
+unselected layer starts empty, so nothing at sender positions exists there to be attended. Its own
+tokens take positions |C|..|C|+|Q|-1 in every layer (RoPE scores depend on relative position only,
+so in unselected layers this equals restarting at 0). One 4-D mask sized for the longest layer is
+causal over the receiver's tokens and open over the sender's; the `kvcomm` attention function
+right-aligns it per layer (see `kvcomm.attention`).
+
+Several senders: their messages are placed one after another; message i's keys are re-rotated from
+their own start position to the running offset, so positions stay consistent (each sender still only
+saw its own context). A layer holds the messages that selected it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import ImportanceRecorder, causal_mask
+from .fingerprint import fingerprint
+from .message import KVMessage
+from .models import LoadedModel
+from .rope import rerotate
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _ids_tensor(ids, device) -> torch.Tensor:
+    t = torch.as_tensor(ids, dtype=torch.long, device=device)
+    return t.unsqueeze(0) if t.dim() == 1 else t
+
+
+@torch.no_grad()
+def send(lm: LoadedModel, context_ids, layers=None, meta: dict | None = None) -> KVMessage:
+    """Prefill the context alone and return its KV (all layers, or only `layers`)."""
+    ids = _ids_tensor(context_ids, lm.device)
+    out = lm.model(input_ids=ids, use_cache=True)
+    cache = out.past_key_values
+    n = lm.num_layers
+    msg = KVMessage(
+        layers=list(range(n)),
+        keys=[cache.layers[i].keys for i in range(n)],
+        values=[cache.layers[i].values for i in range(n)],
+        fingerprint=fingerprint(lm.model, lm.tokenizer),
+        position_start=0,
+        meta=dict(meta or {}, context_tokens=int(ids.shape[1])),
+    )
+    return msg if layers is None else msg.select(layers)
+
+
+def build_prefix_cache(lm: LoadedModel, messages: list[KVMessage]):
+    """A DynamicCache holding each message's KV in the layers it selected; returns (cache, prefix_len)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=lm.model.config)
+    cfg = lm.model.config
+    n = lm.num_layers
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_layer: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(n)]
+    offset = 0
+    for msg in messages:
+        msg = msg.to(lm.device, lm.dtype)
+        shift = offset - msg.position_start
+        for layer, k, v in zip(msg.layers, msg.keys, msg.values):
+            per_layer[layer].append((rerotate(lm.model, k, shift) if shift else k, v))
+        offset += msg.seq_len
+    empty = torch.empty(1, kv_heads, 0, head_dim, device=lm.device, dtype=lm.dtype)
+    for layer in range(n):
+        parts = per_layer[layer]
+        k = torch.cat([p[0] for p in parts], dim=-2) if parts else empty
+        v = torch.cat([p[1] for p in parts], dim=-2) if parts else empty
+        cache.update(k, v, layer)
+    return cache, offset
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    ttft_s: float
+    total_s: float
+    prompt_tokens: int
+    prefix_tokens: int
+    first_logits: torch.Tensor | None = field(default=None, repr=False)
+
+
+@torch.no_grad()
+def prefill(lm: LoadedModel, ids, messages: list[KVMessage] | None = None, recorder: ImportanceRecorder | None = None,
+            all_logits: bool = False):
+    """Run the receiver's prompt over the prefix built from `messages`; return (logits, cache, prefix_len)."""
+    ids = _ids_tensor(ids, lm.device)
+    cache, prefix = build_prefix_cache(lm, messages or [])
+    q = ids.shape[1]
+    pos = torch.arange(prefix, prefix + q, device=lm.device).unsqueeze(0)
+    mask = causal_mask(prefix, 0, q, lm.dtype, lm.device)
+    kwargs = {"kvcomm_recorder": recorder} if recorder is not None else {}
+    out = lm.model(input_ids=ids, past_key_values=cache, attention_mask=mask, position_ids=pos,
+                   use_cache=True, logits_to_keep=0 if (recorder is not None or all_logits) else 1, **kwargs)
+    return out.logits, cache, prefix
+
+
+@torch.no_grad()
+def generate(
+    lm: LoadedModel,
+    ids,
+    messages: list[KVMessage] | KVMessage | None = None,
+    max_new_tokens: int = 32,
+    stop_ids: list[int] | None = None,
+) -> Generation:
+    """Greedy generation of the receiver's answer, with the messages' KV in front of its own."""
+    if isinstance(messages, KVMessage):
+        messages = [messages]
+    ids = _ids_tensor(ids, lm.device)
+    stops = set(stop_ids if stop_ids is not None else _stop_ids(lm))
+    _sync(lm.device)
+    start = time.perf_counter()
+    logits, cache, prefix = prefill(lm, ids, messages)
+    next_id = logits[0, -1].argmax()
+    first_logits = logits[0, -1].float().cpu()
+    _sync(lm.device)
+    ttft = time.perf_counter() - start
+    out_ids: list[int] = []
+    length = prefix + ids.shape[1]
+    for _ in range(max_new_tokens):
+        tok = int(next_id)
+        if tok in stops:
+            break
+        out_ids.append(tok)
+        if len(out_ids) == max_new_tokens:
+            break
+        step = lm.model(
+            input_ids=next_id.view(1, 1), past_key_values=cache, use_cache=True,
+            position_ids=torch.tensor([[length]], device=lm.device),
+            attention_mask=torch.zeros(1, 1, 1, length + 1, dtype=lm.dtype, device=lm.device),
+        )
+        length += 1
+        next_id = step.logits[0, -1].argmax()
+    _sync(lm.device)
+    text = lm.tokenizer.decode(out_ids, skip_special_tokens=True).strip()
+    return Generation(text, out_ids, ttft, time.perf_counter() - start, ids.shape[1], prefix, first_logits)
+
+
+def _stop_ids(lm: LoadedModel) -> list[int]:
+    stops = set()
+    for source in (lm.tokenizer.eos_token_id, getattr(lm.model.generation_config, "eos_token_id", None)):
+        if isinstance(source, int):
+            stops.add(source)
+        elif source:
+            stops.update(source)
+    for tok in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>"):
+        tid = lm.tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != lm.tokenizer.unk_token_id and tid is not None:
+            stops.add(tid)
+    return sorted(stops)

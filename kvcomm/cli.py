@@ -293,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-bytes", type=_positive_int, default=DEFAULT_MAX_BYTES)
     p.set_defaults(func=cmd_inspect)
 
+    from .agents_cli import add_parser as add_agents_parser
+
+    add_agents_parser(sub, _add_model_args, _positive_int)
     return parser
 
 

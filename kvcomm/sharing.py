@@ -24,6 +24,8 @@ import torch
 
 from .attention import ImportanceRecorder, causal_mask
 from .fingerprint import fingerprint
+from .generation import greedy_continue
+from .generation import stop_ids as default_stop_ids
 from .message import KVMessage
 from .models import LoadedModel
 from .rope import rerotate
@@ -121,44 +123,14 @@ def generate(
     if isinstance(messages, KVMessage):
         messages = [messages]
     ids = _ids_tensor(ids, lm.device)
-    stops = set(stop_ids if stop_ids is not None else _stop_ids(lm))
+    stops = set(stop_ids if stop_ids is not None else default_stop_ids(lm))
     _sync(lm.device)
     start = time.perf_counter()
     logits, cache, prefix = prefill(lm, ids, messages)
-    next_id = logits[0, -1].argmax()
     first_logits = logits[0, -1].float().cpu()
     _sync(lm.device)
     ttft = time.perf_counter() - start
-    out_ids: list[int] = []
-    length = prefix + ids.shape[1]
-    for _ in range(max_new_tokens):
-        tok = int(next_id)
-        if tok in stops:
-            break
-        out_ids.append(tok)
-        if len(out_ids) == max_new_tokens:
-            break
-        step = lm.model(
-            input_ids=next_id.view(1, 1), past_key_values=cache, use_cache=True,
-            position_ids=torch.tensor([[length]], device=lm.device),
-            attention_mask=torch.zeros(1, 1, 1, length + 1, dtype=lm.dtype, device=lm.device),
-        )
-        length += 1
-        next_id = step.logits[0, -1].argmax()
+    out_ids = greedy_continue(lm, cache, logits[0, -1], prefix + ids.shape[1], max_new_tokens, stops)
     _sync(lm.device)
     text = lm.tokenizer.decode(out_ids, skip_special_tokens=True).strip()
     return Generation(text, out_ids, ttft, time.perf_counter() - start, ids.shape[1], prefix, first_logits)
-
-
-def _stop_ids(lm: LoadedModel) -> list[int]:
-    stops = set()
-    for source in (lm.tokenizer.eos_token_id, getattr(lm.model.generation_config, "eos_token_id", None)):
-        if isinstance(source, int):
-            stops.add(source)
-        elif source:
-            stops.update(source)
-    for tok in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>"):
-        tid = lm.tokenizer.convert_tokens_to_ids(tok)
-        if isinstance(tid, int) and tid != lm.tokenizer.unk_token_id and tid is not None:
-            stops.add(tid)
-    return sorted(stops)

@@ -1,0 +1,127 @@
+"""`kvcomm agents`: run one multi-agent workload in one or more modes, side by side, and report.
+
+Each mode gets its own engine (and, for reuse, its own anchor pool) over the same items, so the
+table compares the modes on identical inputs in one process. Writes `agents.json` (every call) and
+`agents_ttft.png` (median TTFT per agent position and mode) to --out.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+
+def add_parser(sub, add_model_args, positive_int) -> None:
+    p = sub.add_parser("agents", help="multi-agent workload in dense / prefix / reuse modes, side by side")
+    add_model_args(p)
+    p.add_argument("--workload", choices=["math", "coding", "retrieval"], default="math")
+    p.add_argument("--agents", type=positive_int, default=5, help="number of agents (default 5)")
+    p.add_argument("--topology", choices=["fully_connected", "chain", "star"], default="fully_connected")
+    p.add_argument("--rounds", type=positive_int, default=1)
+    p.add_argument("--mode", action="append", choices=["dense", "prefix", "reuse"],
+                   help="execution mode; repeat to compare (default: dense and reuse)")
+    p.add_argument("--limit", type=positive_int, default=10, help="workload items (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="items excluded from the after-warm-up reuse rate (default 2)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
+    p.add_argument("--gamma", type=float, default=0.3, help="entropy threshold γ (default 0.3)")
+    p.add_argument("--tau", type=float, default=0.01, help="softmax temperature of anchor distances (default 0.01)")
+    p.add_argument("--max-anchors", type=positive_int, default=20, help="anchors per placeholder V (default 20)")
+    p.add_argument("--pool-bytes", type=positive_int, default=2 << 30, help="byte budget of the anchor pool")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/agents", help="output folder for JSON and plot")
+    p.set_defaults(func=cmd_agents)
+
+
+def run_modes(lm, args, progress: bool = True) -> dict:
+    from tqdm.auto import tqdm
+
+    from .agents import MultiAgentRunner, reuse_rate
+    from .anchors import AnchorPool
+    from .reuse import ReuseEngine
+    from .workloads import load_workload
+
+    workload = load_workload(args.workload, args.limit, args.seed)
+    modes = args.mode or ["dense", "reuse"]
+    report: dict = {"workload": args.workload, "agents": args.agents, "topology": args.topology, "rounds": args.rounds,
+                    "items": len(workload.items), "model": lm.name, "device": str(lm.device),
+                    "gamma": args.gamma, "tau": args.tau, "max_new_tokens": args.max_new_tokens, "modes": {}}
+    for mode in modes:
+        pool = AnchorPool(max_anchors=args.max_anchors, byte_budget=args.pool_bytes, gamma=args.gamma, tau=args.tau)
+        engine = ReuseEngine(lm, mode, pool=pool, max_new_tokens=args.max_new_tokens)
+        runner = MultiAgentRunner(engine, workload, args.agents, args.topology, args.rounds)
+        results = [runner.run_item(item) for item in tqdm(workload.items, desc=f"{args.workload}/{mode}", disable=not progress)]
+        calls = [c for r in results for c in r.calls]
+        report["modes"][mode] = {
+            "accuracy": sum(r.correct for r in results) / len(results),
+            "reuse_rate": reuse_rate(results),
+            "reuse_rate_after_warmup": reuse_rate(results, args.warmup),
+            "prefilled_tokens": sum(c["prefilled_tokens"] for c in calls),
+            "prompt_tokens": sum(c["prompt_tokens"] for c in calls),
+            "pool": pool.stats().__dict__ if mode == "reuse" else None,
+            "items": [r.__dict__ for r in results],
+        }
+    if "dense" in report["modes"]:
+        dense = report["modes"]["dense"]["items"]
+        for mode, m in report["modes"].items():
+            pairs = list(zip(dense, m["items"]))
+            m["final_agreement_with_dense"] = sum(a["final"] == b["final"] for a, b in pairs) / len(pairs)
+            call_pairs = [(x, y) for a, b in pairs for x, y in zip(a["calls"], b["calls"])]
+            m["call_agreement_with_dense"] = sum(x["reply_ids"] == y["reply_ids"] for x, y in call_pairs) / len(call_pairs)
+    return report
+
+
+def ttft_by_position(mode_report: dict, skip_items: int) -> list[float]:
+    items = mode_report["items"][skip_items:] or mode_report["items"]
+    positions = len(items[0]["calls"])
+    return [statistics.median(it["calls"][p]["ttft_ms"] for it in items) for p in range(positions)]
+
+
+def plot_ttft(report: dict, path: Path, skip_items: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for mode, m in report["modes"].items():
+        ys = ttft_by_position(m, skip_items)
+        ax.plot(range(1, len(ys) + 1), ys, marker="o", label=f"{mode} (reuse {m['reuse_rate_after_warmup']:.0%})")
+    ax.set_xlabel("agent position (last = decision agent)")
+    ax.set_ylabel("median TTFT (ms)")
+    ax.set_title(f"{report['workload']}, {report['agents']} agents, {report['topology']}, {report['model']} on {report['device']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cmd_agents(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .cli import _load
+
+    lm = _load(args)
+    report = run_modes(lm, args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "agents.json.partial"
+    tmp.write_text(json.dumps(report, indent=1, default=str))
+    tmp.replace(out / "agents.json")
+    plot_ttft(report, out / "agents_ttft.png", args.warmup)
+    table = Table(title=f"{args.workload}: {args.agents} agents, {args.topology}, {len(report['modes'][next(iter(report['modes']))]['items'])} items")
+    for col in ("mode", "accuracy", "reuse rate (after warm-up)", "agree w/ dense (final / calls)", "tokens prefilled",
+                "median TTFT ms by position"):
+        table.add_column(col)
+    for mode, m in report["modes"].items():
+        agree = (f"{m['final_agreement_with_dense']:.0%} / {m['call_agreement_with_dense']:.0%}"
+                 if "final_agreement_with_dense" in m else "-")
+        table.add_row(mode, f"{m['accuracy']:.1%}", f"{m['reuse_rate']:.0%} ({m['reuse_rate_after_warmup']:.0%})", agree,
+                      f"{m['prefilled_tokens']:,}/{m['prompt_tokens']:,}",
+                      " ".join(f"{x:.0f}" for x in ttft_by_position(m, args.warmup)))
+    console = Console()
+    console.print(table)
+    console.print(f"wrote {out / 'agents.json'} and {out / 'agents_ttft.png'}")
+    return 0

@@ -1,0 +1,53 @@
+"""Greedy decoding from a prepared cache: one loop shared by sharing, reuse and the agent runner.
+
+Every step passes explicit `position_ids` and a 4-D mask sized for the longest cache layer, so caches
+whose layers hold different prefix lengths (selective sharing) and caches assembled from reused
+pieces decode the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def stop_ids(lm) -> list[int]:
+    """EOS ids from tokenizer and generation config, plus common end-of-turn tokens."""
+    stops = set()
+    for source in (lm.tokenizer.eos_token_id, getattr(lm.model.generation_config, "eos_token_id", None)):
+        if isinstance(source, int):
+            stops.add(source)
+        elif source:
+            stops.update(source)
+    for tok in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>"):
+        tid = lm.tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != lm.tokenizer.unk_token_id:
+            stops.add(tid)
+    return sorted(stops)
+
+
+@torch.no_grad()
+def greedy_continue(lm, cache, next_logits: torch.Tensor, length: int, max_new_tokens: int,
+                    stops: set[int], feed_last: bool = False) -> list[int]:
+    """Decode greedily after a prefill whose last logits are `next_logits`.
+
+    `length` is the longest layer's cache length (= the position of the next token). With
+    `feed_last`, a final token that stopped the loop on the length limit is fed too, so the cache
+    holds the KV of every returned token (agents pass their reply's KV on).
+    """
+    out: list[int] = []
+    next_id = next_logits.argmax()
+    for _ in range(max_new_tokens):
+        tok = int(next_id)
+        if tok in stops:
+            break
+        out.append(tok)
+        if len(out) == max_new_tokens and not feed_last:
+            break
+        step = lm.model(
+            input_ids=next_id.view(1, 1), past_key_values=cache, use_cache=True,
+            position_ids=torch.tensor([[length]], device=lm.device),
+            attention_mask=torch.zeros(1, 1, 1, length + 1, dtype=lm.dtype, device=lm.device),
+        )
+        length += 1
+        next_id = step.logits[0, -1].argmax()
+    return out

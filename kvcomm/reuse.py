@@ -1,0 +1,239 @@
+"""Cross-context KV reuse (KVCOMM, Ye et al. 2025): one agent call in one of three modes.
+
+  dense   prefill the whole prompt (the reference).
+  prefix  plain prefix caching: reuse the KV of the longest exact token prefix this agent has
+          already encoded (its fixed template head, and more when prompts repeat); prefill the rest.
+  reuse   KVCOMM: assemble the prompt's KV without a prefill. The agent's fixed first segment p0 is
+          exact (cached once per template). Each placeholder's content comes as its *base KV*
+          (encoded alone at position 0, or for another agent's reply that agent's own KV of it moved
+          back to 0); each later segment p_i comes as its template-only KV. Anchor-estimated offsets
+          are added (never in layer 0, whose KV depends only on token and position), keys are
+          re-rotated to their real positions, and the last prompt token is run through the model to
+          give the first logits. If any placeholder is not shareable, the call falls back to a dense
+          prefill and records that placeholder as a new anchor (deltas staged until the request ends).
+
+Timing: TTFT is measured from the start of the call to the first token's logits, including base-KV
+prefills, anchor matching and cache assembly. Template KV is precomputed when an agent template is
+first seen (outside the timed region), as the paper does.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .anchors import AgentDelta, AnchorPool, KVBlock, content_key
+from .attention import causal_mask
+from .generation import greedy_continue, stop_ids
+from .models import LoadedModel
+from .rope import rerotate
+from .templates import AgentTemplate
+
+MODES = ("dense", "prefix", "reuse")
+
+
+@dataclass
+class Content:
+    """A placeholder's content: token ids and, when its producer has it, its base KV."""
+
+    ids: list[int]
+    base: KVBlock | None = None
+
+
+@dataclass
+class CallResult:
+    agent: str
+    path: str  # dense | prefix | reuse
+    reply_ids: list[int]
+    reply: Content  # ids + base KV of the reply, to hand to later agents
+    ttft_s: float
+    total_s: float
+    prompt_tokens: int
+    prefilled_tokens: int
+    matched: dict[str, float] = field(default_factory=dict)  # placeholder -> entropy, when reused
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cache_to_block(cache, a: int = 0, b: int | None = None) -> KVBlock:
+    return KVBlock(torch.cat([layer.keys[:, :, a:b] for layer in cache.layers], 0),
+                   torch.cat([layer.values[:, :, a:b] for layer in cache.layers], 0))
+
+
+def block_to_cache(lm: LoadedModel, block: KVBlock):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=lm.model.config)
+    for layer in range(block.k.shape[0]):
+        cache.update(block.k[layer : layer + 1], block.v[layer : layer + 1], layer)
+    return cache
+
+
+def move(lm: LoadedModel, block: KVBlock, delta: int) -> KVBlock:
+    """Re-rotate a block's keys by `delta` positions (values carry no position)."""
+    if delta == 0 or block.n == 0:
+        return block
+    return KVBlock(rerotate(lm.model, block.k, delta), block.v)
+
+
+@torch.no_grad()
+def forward(lm: LoadedModel, ids: list[int], past: KVBlock | None = None, logits: bool = True):
+    """Prefill `ids` after `past` (positions continue from it); return (last logits, full cache)."""
+    p = past.n if past is not None else 0
+    cache = block_to_cache(lm, past) if past is not None and past.n else None
+    if cache is None:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=lm.model.config)
+    t = torch.tensor([ids], device=lm.device)
+    out = lm.model(input_ids=t, past_key_values=cache, use_cache=True,
+                   position_ids=torch.arange(p, p + len(ids), device=lm.device).unsqueeze(0),
+                   attention_mask=causal_mask(p, 0, len(ids), lm.dtype, lm.device), logits_to_keep=1)
+    return (out.logits[0, -1] if logits else None), out.past_key_values
+
+
+@dataclass
+class TemplateKV:
+    p0: KVBlock  # exact KV of the first segment at positions 0..
+    segments: list[KVBlock]  # template-only KV of p_1.. in the origin frame
+
+
+class ReuseEngine:
+    """Runs agent calls for one model in one mode; holds the template caches and the anchor pool."""
+
+    def __init__(self, lm: LoadedModel, mode: str = "reuse", pool: AnchorPool | None = None,
+                 max_new_tokens: int = 64, force_new_anchors: bool = False, prefix_slots: int = 4):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.lm = lm
+        self.mode = mode
+        self.pool = pool if pool is not None else AnchorPool()
+        self.max_new_tokens = max_new_tokens
+        self.force_new_anchors = force_new_anchors
+        self.prefix_slots = prefix_slots
+        self.stops = set(stop_ids(lm))
+        self._templates: dict[tuple, TemplateKV] = {}
+        self._prefix_store: dict[str, list[tuple[list[int], KVBlock]]] = {}
+
+    # ---- template and base KV ------------------------------------------------------------------
+    def template_kv(self, agent: AgentTemplate) -> TemplateKV:
+        tkv = self._templates.get(agent.key)
+        if tkv is None:
+            ids, bounds = [], []
+            for seg in agent.segment_ids:
+                bounds.append((len(ids), len(ids) + len(seg)))
+                ids.extend(seg)
+            _, cache = forward(self.lm, ids, logits=False)
+            full = cache_to_block(cache)
+            segs = [move(self.lm, full.slice(a, b), -a) for a, b in bounds[1:]]
+            tkv = TemplateKV(full.slice(*bounds[0]), segs)
+            self._templates[agent.key] = tkv
+        return tkv
+
+    def base_kv(self, content: Content) -> tuple[KVBlock, int]:
+        """Content's base KV (computed alone at position 0 if its producer gave none), and tokens prefilled."""
+        if content.base is not None:
+            return content.base, 0
+        _, cache = forward(self.lm, content.ids, logits=False)
+        content.base = cache_to_block(cache)
+        return content.base, len(content.ids)
+
+    # ---- one call -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def call(self, agent: AgentTemplate, contents: dict[str, Content], request=None) -> CallResult:
+        lm = self.lm
+        tkv = self.template_kv(agent) if self.mode == "reuse" else None
+        ids, spans = agent.layout({k: c.ids for k, c in contents.items()})
+        _sync(lm.device)
+        start = time.perf_counter()
+        matched: dict[str, float] = {}
+        if self.mode == "dense":
+            logits, cache = forward(lm, ids)
+            path, prefilled = "dense", len(ids)
+        elif self.mode == "prefix":
+            logits, cache, prefilled = self._prefix_call(agent, ids)
+            path = "prefix"
+        else:
+            logits, cache, path, prefilled, matched = self._reuse_call(agent, tkv, ids, spans, contents, request)
+        _sync(lm.device)
+        ttft = time.perf_counter() - start
+        reply_ids = greedy_continue(lm, cache, logits, len(ids), self.max_new_tokens, self.stops, feed_last=True)
+        _sync(lm.device)
+        total = time.perf_counter() - start
+        reply_base = move(lm, cache_to_block(cache, len(ids), len(ids) + len(reply_ids)), -len(ids)) if reply_ids else None
+        return CallResult(agent.agent_id, path, reply_ids, Content(list(reply_ids), reply_base), ttft, total,
+                          len(ids), prefilled, matched)
+
+    def _prefix_call(self, agent: AgentTemplate, ids: list[int]):
+        store = self._prefix_store.setdefault(agent.agent_id, [])
+        best, best_block = 0, None
+        for prev_ids, block in store:
+            n = 0
+            for a, b in zip(prev_ids, ids):
+                if a != b:
+                    break
+                n += 1
+            n = min(n, len(ids) - 1)  # the last token must run to produce logits
+            if n > best:
+                best, best_block = n, block.slice(0, n)
+        logits, cache = forward(self.lm, ids[best:], best_block)
+        store.insert(0, (ids, cache_to_block(cache, 0, len(ids))))
+        del store[self.prefix_slots :]
+        return logits, cache, len(ids) - best
+
+    def _reuse_call(self, agent, tkv: TemplateKV, ids, spans, contents, request):
+        lm = self.lm
+        agent_key = f"{agent.agent_id}|{content_key([repr(agent.key)])[:16]}"
+        prefilled = 0
+        bases: dict[str, KVBlock] = {}
+        matches = {}
+        for name in agent.names:
+            bases[name], n = self.base_kv(contents[name])
+            prefilled += n
+            matches[name] = None if self.force_new_anchors else self.pool.match(name, agent_key, bases[name])
+        if any(m is None for m in matches.values()):
+            logits, cache = forward(lm, ids)
+            self._record(agent, tkv, cache, spans, contents, bases, matches, agent_key, request)
+            return logits, cache, "dense", prefilled + len(ids), {}
+        pieces = [tkv.p0]
+        for kind, a, b in spans[1:]:
+            if kind.startswith("p"):
+                i = int(kind[1:])
+                seg = tkv.segments[i - 1]
+                off = matches[agent.names[i - 1]].segment_offset
+                pieces.append(move(lm, _add_offset(seg, off), a))
+            else:
+                pieces.append(move(lm, _add_offset(bases[kind], matches[kind].placeholder_offset), a))
+        full = KVBlock(torch.cat([p.k for p in pieces], 2), torch.cat([p.v for p in pieces], 2))
+        logits, cache = forward(lm, ids[-1:], full.slice(0, len(ids) - 1))
+        return logits, cache, "reuse", prefilled + 1, {k: m.entropy for k, m in matches.items()}
+
+    def _record(self, agent, tkv, cache, spans, contents, bases, matches, agent_key, request) -> None:
+        """Stage Δφ and Δp (origin frame) for each placeholder that was not shareable."""
+        real = cache_to_block(cache, 0, spans[-1][2])
+        for i, name in enumerate(agent.names):
+            if matches[name] is not None:
+                continue
+            _, a, b = spans[2 * i + 1]
+            _, sa, sb = spans[2 * i + 2]
+            dphi = move(self.lm, real.slice(a, b), -a) - bases[name]
+            dseg = move(self.lm, real.slice(sa, sb), -sa) - tkv.segments[i]
+            self.pool.stage(request, name, content_key(contents[name].ids), bases[name], agent_key,
+                            AgentDelta(_zero_layer0(dphi), _zero_layer0(dseg)))
+
+
+def _zero_layer0(block: KVBlock) -> KVBlock:
+    k, v = block.k.clone(), block.v.clone()
+    k[0].zero_()
+    v[0].zero_()
+    return KVBlock(k, v)
+
+
+def _add_offset(base: KVBlock, offset: KVBlock) -> KVBlock:
+    n = base.n
+    return KVBlock(base.k + offset.k[:, :, :n], base.v + offset.v[:, :, :n])

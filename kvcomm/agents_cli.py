@@ -63,7 +63,7 @@ def run_modes(lm, args, progress: bool = True) -> dict:
         }
     if "dense" in report["modes"]:
         dense = report["modes"]["dense"]["items"]
-        for mode, m in report["modes"].items():
+        for m in report["modes"].values():
             pairs = list(zip(dense, m["items"]))
             m["final_agreement_with_dense"] = sum(a["final"] == b["final"] for a, b in pairs) / len(pairs)
             call_pairs = [(x, y) for a, b in pairs for x, y in zip(a["calls"], b["calls"])]

@@ -12,7 +12,9 @@ import torch
 
 def stop_ids(lm) -> list[int]:
     """EOS ids from tokenizer and generation config, plus common end-of-turn tokens."""
-    stops = set()
+    stops: set[int] = set()
+    if lm.tokenizer is None:
+        return []
     for source in (lm.tokenizer.eos_token_id, getattr(lm.model.generation_config, "eos_token_id", None)):
         if isinstance(source, int):
             stops.add(source)

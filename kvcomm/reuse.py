@@ -201,7 +201,7 @@ class ReuseEngine:
             self._record(agent, tkv, cache, spans, contents, bases, matches, agent_key, request)
             return logits, cache, "dense", prefilled + len(ids), {}
         pieces = [tkv.p0]
-        for kind, a, b in spans[1:]:
+        for kind, a, _ in spans[1:]:
             if kind.startswith("p"):
                 i = int(kind[1:])
                 seg = tkv.segments[i - 1]

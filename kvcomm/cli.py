@@ -296,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .agents_cli import add_parser as add_agents_parser
 
     add_agents_parser(sub, _add_model_args, _positive_int)
+    from .bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub, _add_model_args, _positive_int)
     return parser
 
 

@@ -38,6 +38,10 @@ def greedy_continue(lm, cache, next_logits: torch.Tensor, length: int, max_new_t
     """
     out: list[int] = []
     next_id = next_logits.argmax()
+    # A single new token may attend every cached key, so no mask is needed unless layers hold
+    # different lengths (selective sharing), where transformers would size its own mask from layer 0.
+    lengths = {layer.keys.shape[-2] for layer in cache.layers}
+    ragged = len(lengths) > 1
     for _ in range(max_new_tokens):
         tok = int(next_id)
         if tok in stops:
@@ -48,7 +52,7 @@ def greedy_continue(lm, cache, next_logits: torch.Tensor, length: int, max_new_t
         step = lm.model(
             input_ids=next_id.view(1, 1), past_key_values=cache, use_cache=True,
             position_ids=torch.tensor([[length]], device=lm.device),
-            attention_mask=torch.zeros(1, 1, 1, length + 1, dtype=lm.dtype, device=lm.device),
+            attention_mask=torch.zeros(1, 1, 1, length + 1, dtype=lm.dtype, device=lm.device) if ragged else None,
         )
         length += 1
         next_id = step.logits[0, -1].argmax()

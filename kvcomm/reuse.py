@@ -91,9 +91,12 @@ def forward(lm: LoadedModel, ids: list[int], past: KVBlock | None = None, logits
 
         cache = DynamicCache(config=lm.model.config)
     t = torch.tensor([ids], device=lm.device)
+    # No mask where plain causal attention is right (from position 0, or one new token): SDPA then
+    # takes its fastest (flash) kernel. After a prefix, several new tokens need the offset causal mask.
+    mask = None if p == 0 or len(ids) == 1 else causal_mask(p, 0, len(ids), lm.dtype, lm.device)
     out = lm.model(input_ids=t, past_key_values=cache, use_cache=True,
                    position_ids=torch.arange(p, p + len(ids), device=lm.device).unsqueeze(0),
-                   attention_mask=causal_mask(p, 0, len(ids), lm.dtype, lm.device), logits_to_keep=1)
+                   attention_mask=mask, logits_to_keep=1)
     return (out.logits[0, -1] if logits else None), out.past_key_values
 
 
@@ -162,6 +165,8 @@ class ReuseEngine:
             logits, cache, path, prefilled, matched = self._reuse_call(agent, tkv, ids, spans, contents, request)
         _sync(lm.device)
         ttft = time.perf_counter() - start
+        if self.mode == "prefix":  # bookkeeping a paged prefix cache gets for free: not part of TTFT
+            self._remember_prefix(agent, ids, cache)
         reply_ids = greedy_continue(lm, cache, logits, len(ids), self.max_new_tokens, self.stops, feed_last=True)
         _sync(lm.device)
         total = time.perf_counter() - start
@@ -182,9 +187,12 @@ class ReuseEngine:
             if n > best:
                 best, best_block = n, block.slice(0, n)
         logits, cache = forward(self.lm, ids[best:], best_block)
+        return logits, cache, len(ids) - best
+
+    def _remember_prefix(self, agent: AgentTemplate, ids: list[int], cache) -> None:
+        store = self._prefix_store.setdefault(agent.agent_id, [])
         store.insert(0, (ids, cache_to_block(cache, 0, len(ids))))
         del store[self.prefix_slots :]
-        return logits, cache, len(ids) - best
 
     def _reuse_call(self, agent, tkv: TemplateKV, ids, spans, contents, request):
         lm = self.lm

@@ -104,7 +104,8 @@ def prefill(lm: LoadedModel, ids, messages: list[KVMessage] | None = None, recor
     cache, prefix = build_prefix_cache(lm, messages or [])
     q = ids.shape[1]
     pos = torch.arange(prefix, prefix + q, device=lm.device).unsqueeze(0)
-    mask = causal_mask(prefix, 0, q, lm.dtype, lm.device)
+    # From position 0 plain causal attention is right: no mask, so SDPA can take its flash kernel.
+    mask = causal_mask(prefix, 0, q, lm.dtype, lm.device) if prefix else None
     kwargs = {"kvcomm_recorder": recorder} if recorder is not None else {}
     out = lm.model(input_ids=ids, past_key_values=cache, attention_mask=mask, position_ids=pos,
                    use_cache=True, logits_to_keep=0 if (recorder is not None or all_logits) else 1, **kwargs)

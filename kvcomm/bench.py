@@ -1,0 +1,364 @@
+"""`kvcomm bench`: time-to-first-token and bytes on the wire, every method side by side in one run.
+
+Speed does not depend on weight values, so the GPU preset is the real Llama-3.1-8B architecture
+(config in `resources/llama-3.1-8b.json`) with *random bf16 weights*, stated in every output; token
+ids are random too. Quality is measured elsewhere on real models (`kvcomm agents`, `kvcomm eval`).
+
+Reuse (paper setting): 5 fully connected agents, each with its own 512-token system prefix, a
+1,000-token user input, and each agent's 512-token reply passed on to the later agents; per agent
+position, median TTFT of dense prefill, prefix caching and KV reuse over the measured requests. The
+pool is first filled with `anchors` requests recorded by dense prefill; during measurement γ = 1 so
+every call takes the reuse path (random tokens carry no meaning for the entropy test), and matching
+runs against the whole pool, so its cost is included. Replies are random ids whose base KV is computed
+outside the timed region (in a real run it is a by-product of the producer's decoding).
+
+Sharing: receiver TTFT with a sender message at ratios 0.3/0.5/0.7 (contiguous middle layers; which
+layers does not change speed), vs Skyline (receiver prefills context + question) and NLD (sender
+decodes a 128-token summary, receiver prefills summary + question), plus payload bytes per token.
+
+Timing: CUDA synchronise + wall clock around each measured call (TTFT is wall time by definition and
+includes Python overhead), after warm-up, median of repeats. Dense prefill FLOP utilisation =
+(2·params·T + 2·L·T²·d_q) / time / peak (causal attention counted once).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+PRESETS = {
+    # name: (config, agents, prefix, user, reply, sweep prefixes, sweep outputs, sharing contexts)
+    "gpu": ("llama-3.1-8b.json", 5, 512, 1000, 512, (64, 128, 256, 512, 1024), (128, 256, 512, 1024), (1024, 4096, 16384)),
+    "cpu": ({"model_type": "llama", "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 8,
+             "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 4096,
+             "max_position_embeddings": 8192, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+            5, 64, 128, 64, (32, 64), (32, 64), (256, 1024)),
+}
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+class _NoTokenizer:
+    """Benchmarks feed token ids directly; nothing is decoded."""
+
+    eos_token_id = None
+    unk_token_id = None
+
+    def convert_tokens_to_ids(self, _):
+        return None
+
+    def get_vocab(self):
+        return {}
+
+
+def random_model(preset: str, device: str | None = None):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from . import attention
+    from .models import LoadedModel, pick_device, pick_dtype
+
+    attention.register()
+    spec = PRESETS[preset][0]
+    cfg_dict = json.loads((Path(__file__).parent / "resources" / spec).read_text()) if isinstance(spec, str) else dict(spec)
+    cfg = AutoConfig.for_model(**cfg_dict)
+    dev = pick_device(device)
+    dtype = pick_dtype(dev)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="kvcomm")
+    model.eval().requires_grad_(False)
+    return LoadedModel(model, _NoTokenizer(), f"random-{spec if isinstance(spec, str) else 'tiny'}", dev, dtype)
+
+
+def _sync(lm):
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize(lm.device)
+
+
+def _ids(n: int, g: torch.Generator, vocab: int) -> list[int]:
+    return torch.randint(10, vocab - 10, (n,), generator=g).tolist()
+
+
+def prefill_flops(lm, tokens: int, past: int = 0) -> float:
+    cfg = lm.config
+    params = sum(p.numel() for n, p in lm.model.named_parameters() if "embed" not in n and "lm_head" not in n)
+    d_q = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    attn = 2 * cfg.num_hidden_layers * d_q * (tokens * past * 2 + tokens * tokens)  # QK^T and AV, causal
+    return 2 * params * tokens + attn
+
+
+def _peak(lm) -> float | None:
+    if lm.device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(lm.device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+# ---- reuse ----------------------------------------------------------------------------------------
+def _agent_templates(n_agents: int, prefix: int, g, vocab: int):
+    from .templates import AgentTemplate, Template
+
+    templates = []
+    for k in range(n_agents):
+        names = ["user_question"] + [f"agent_{j}_current" for j in range(k)]
+        segs = [_ids(prefix, g, vocab)] + [_ids(8, g, vocab) for _ in names]
+        templates.append(AgentTemplate(f"agent{k}", Template(tuple("" for _ in segs), tuple(names)), segs))
+    return templates
+
+
+def bench_reuse(lm, n_agents: int, prefix: int, user: int, reply: int, anchors: int = 4, repeats: int = 5,
+                modes=("dense", "prefix", "reuse"), progress=None) -> dict:
+    from .anchors import AnchorPool
+    from .reuse import Content, ReuseEngine, cache_to_block, forward
+
+    vocab = lm.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    templates = _agent_templates(n_agents, prefix, g, vocab)
+
+    def request(seed):
+        gr = torch.Generator().manual_seed(seed)
+        question = Content(_ids(user, gr, vocab))
+        replies = []
+        for _ in range(n_agents):
+            ids = _ids(reply, gr, vocab)
+            _, cache = forward(lm, ids, logits=False)
+            replies.append(Content(ids, cache_to_block(cache)))
+        return question, replies
+
+    def run(engine, seed, record=True):
+        question, replies = request(seed)
+        rows = []
+        for k, agent in enumerate(templates):
+            contents = {"user_question": question, **{f"agent_{j}_current": replies[j] for j in range(k)}}
+            res = engine.call(agent, contents, request=seed)
+            rows.append((res.ttft_s * 1e3, res.path, res.prompt_tokens, res.prefilled_tokens))
+        engine.pool.commit(seed) if record else engine.pool.discard(seed)
+        return rows
+
+    out = {}
+    for mode in modes:
+        pool = AnchorPool(max_anchors=max(anchors, 1), byte_budget=1 << 40, gamma=1.0)
+        engine = ReuseEngine(lm, mode, pool=pool, max_new_tokens=1)
+        warm = ReuseEngine(lm, mode, pool=pool, max_new_tokens=1, force_new_anchors=True) if mode == "reuse" else engine
+        for s in range(max(anchors, 1)):
+            warm._templates = engine._templates
+            run(warm, 1000 + s)  # fills the pool (reuse) and warms kernels and allocator (all modes)
+        measured = [run(engine, 2000 + s, record=False) for s in range(repeats)]
+        per_agent = []
+        for k in range(n_agents):
+            ttfts = [m[k][0] for m in measured]
+            per_agent.append({"agent": k + 1, "ttft_ms": statistics.median(ttfts), "ttft_ms_all": ttfts,
+                              "path": measured[-1][k][1], "prompt_tokens": measured[-1][k][2],
+                              "prefilled_tokens": measured[-1][k][3]})
+        out[mode] = {"per_agent": per_agent, "pool_bytes": pool.nbytes, "pool_anchors": pool.stats().anchors}
+        if progress:
+            progress(mode)
+        del engine, warm, pool
+        if lm.device.type == "cuda":
+            torch.cuda.empty_cache()
+    if "dense" in out:
+        peak = _peak(lm)
+        for row in out["dense"]["per_agent"]:
+            tflops = prefill_flops(lm, row["prompt_tokens"]) / (row["ttft_ms"] / 1e3) / 1e12
+            row["tflops"] = tflops
+            row["flop_utilisation"] = tflops / peak if peak else None
+        for m in out.values():
+            for row, d in zip(m["per_agent"], out["dense"]["per_agent"]):
+                row["speedup_vs_dense"] = d["ttft_ms"] / row["ttft_ms"]
+    return out
+
+
+# ---- sharing --------------------------------------------------------------------------------------
+def _timed(lm, fn, repeats: int = 5):
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync(lm)
+        t = time.perf_counter()
+        fn()
+        _sync(lm)
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def _sharing_row(lm, ctx, q, summ, ratios, repeats) -> dict:
+    from .generation import greedy_continue
+    from .message import encode
+    from .selection import contiguous_layers
+    from .sharing import prefill, send
+
+    n = len(ctx)
+    full = send(lm, ctx)
+    peak = _peak(lm)
+    row = {"context_tokens": n, "skyline_ms": _timed(lm, lambda: prefill(lm, ctx + q), repeats)}
+    row["skyline_tflops"] = prefill_flops(lm, n + len(q)) / (row["skyline_ms"] / 1e3) / 1e12
+    row["skyline_flop_utilisation"] = row["skyline_tflops"] / peak if peak else None
+    row["sender_prefill_ms"] = _timed(lm, lambda: send(lm, ctx), repeats)
+
+    def nld_sender():
+        logits, cache, _ = prefill(lm, ctx)
+        greedy_continue(lm, cache, logits[0, -1], n, len(summ), stops=set())
+
+    row["nld_sender_ms"] = _timed(lm, nld_sender, max(1, repeats // 2))
+    row["nld_receiver_ms"] = _timed(lm, lambda: prefill(lm, summ + q), repeats)
+    row["nld_bytes"] = len(summ) * 4  # token ids as int32
+    for r in ratios:
+        msg = full.select(contiguous_layers(lm.num_layers, r))
+        row[f"kvcomm_{r}_ms"] = _timed(lm, lambda m=msg: prefill(lm, q, [m]), repeats)
+        row[f"kvcomm_{r}_bytes"] = len(encode(msg.to("cpu")))
+        row[f"kvcomm_{r}_bytes_per_token"] = msg.payload_bytes / n
+        row[f"kvcomm_{r}_layers"] = len(msg.layers)
+    row["all_layers_bytes_per_token"] = full.payload_bytes / n
+    return row
+
+
+def bench_sharing(lm, contexts, ratios=(0.3, 0.5, 0.7), question: int = 32, summary: int = 128, repeats: int = 5) -> dict:
+    vocab = lm.config.vocab_size
+    g = torch.Generator().manual_seed(7)
+    rows = []
+    for n in contexts:
+        rows.append(_sharing_row(lm, _ids(n, g, vocab), _ids(question, g, vocab), _ids(summary, g, vocab), ratios, repeats))
+        if lm.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"rows": rows, "question_tokens": question, "summary_tokens": summary}
+
+
+# ---- report ---------------------------------------------------------------------------------------
+def environment(lm) -> dict:
+    import transformers
+
+    env = {"model": lm.name, "weights": "random (speed only; quality is measured on real models)",
+           "dtype": str(lm.dtype).removeprefix("torch."), "device": str(lm.device), "torch": torch.__version__,
+           "transformers": transformers.__version__, "python": platform.python_version(),
+           "attention": "kvcomm (SDPA)"}
+    if lm.device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(lm.device)
+        env["sdpa_flash"] = torch.backends.cuda.flash_sdp_enabled()
+    return env
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    reuse = report["reuse"]
+    for mode, m in reuse.items():
+        axes[0].plot([r["agent"] for r in m["per_agent"]], [r["ttft_ms"] for r in m["per_agent"]], marker="o", label=mode)
+    axes[0].set(xlabel="agent position", ylabel="median TTFT (ms)",
+                title=f"{report['preset']['agents']} agents, {report['preset']['prefix']}-tok prefix, "
+                      f"{report['preset']['user']}-tok input, {report['preset']['reply']}-tok replies")
+    axes[0].legend()
+    axes[0].grid(alpha=0.3)
+    rows = report["sharing"]["rows"]
+    xs = [r["context_tokens"] for r in rows]
+    axes[1].plot(xs, [r["skyline_ms"] for r in rows], marker="o", label="Skyline (prefill C+Q)")
+    axes[1].plot(xs, [r["nld_sender_ms"] + r["nld_receiver_ms"] for r in rows], marker="o", label="NLD (summary + receiver)")
+    for key in [k for k in rows[0] if k.startswith("kvcomm_") and k.endswith("_ms")]:
+        axes[1].plot(xs, [r[key] for r in rows], marker="o", label=f"KVComm {key.split('_')[1]} (receiver)")
+    axes[1].set(xscale="log", yscale="log", xlabel="context tokens", ylabel="median time (ms)", title="sharing: receiver TTFT")
+    axes[1].legend(fontsize=8)
+    axes[1].grid(alpha=0.3)
+    fig.suptitle(f"{report['env']['model']} ({report['env']['weights']}) on {report['env'].get('gpu', report['env']['device'])}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_bench(preset: str, out: Path, device: str | None = None, repeats: int = 5, anchors: int = 4,
+              sweep: bool = True, parts=("reuse", "sweep", "sharing")) -> dict:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    cfg, n_agents, prefix, user, reply, sweep_prefix, sweep_out, contexts = PRESETS[preset]
+    with console.status("building the random-weight model …"):
+        lm = random_model(preset, device)
+    report = {"preset": {"name": preset, "agents": n_agents, "prefix": prefix, "user": user, "reply": reply},
+              "env": environment(lm)}
+    console.print(f"[dim]{report['env']}[/dim]")
+    if "reuse" in parts:
+        with console.status("reuse: dense / prefix / reuse …"):
+            report["reuse"] = bench_reuse(lm, n_agents, prefix, user, reply, anchors, repeats)
+        _print_reuse(console, report["reuse"])
+    if "sweep" in parts and sweep:
+        report["sweep"] = []
+        for p in sweep_prefix:
+            for o in sweep_out:
+                with console.status(f"sweep: prefix {p}, output {o} …"):
+                    r = bench_reuse(lm, 3, p, user, o, anchors=2, repeats=max(2, repeats // 2))
+                report["sweep"].append({"prefix": p, "output": o, "agent3_dense_ms": r["dense"]["per_agent"][2]["ttft_ms"],
+                                        "agent3_prefix_ms": r["prefix"]["per_agent"][2]["ttft_ms"],
+                                        "agent3_reuse_ms": r["reuse"]["per_agent"][2]["ttft_ms"],
+                                        "agent3_speedup": r["reuse"]["per_agent"][2]["speedup_vs_dense"]})
+        console.print("sweep (agent 3 speedup of reuse over dense): " +
+                      ", ".join(f"p{r['prefix']}/o{r['output']}: {r['agent3_speedup']:.2f}x" for r in report["sweep"]))
+    if "sharing" in parts:
+        with console.status("sharing: KVComm vs Skyline vs NLD …"):
+            report["sharing"] = bench_sharing(lm, contexts, repeats=repeats)
+        _print_sharing(console, report["sharing"])
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "bench.json.partial"
+    tmp.write_text(json.dumps(report, indent=1))
+    tmp.replace(out / "bench.json")
+    if "reuse" in report and "sharing" in report:
+        plot(report, out / "bench.png")
+    return report
+
+
+def _print_reuse(console, reuse: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title="TTFT per agent (median ms); speedup vs dense")
+    t.add_column("agent")
+    for mode in reuse:
+        t.add_column(mode)
+    t.add_column("dense prefill TFLOP/s (util.)")
+    n = len(next(iter(reuse.values()))["per_agent"])
+    for k in range(n):
+        cells = [f"{reuse[m]['per_agent'][k]['ttft_ms']:.1f} ({reuse[m]['per_agent'][k].get('speedup_vs_dense', 1):.2f}x)" for m in reuse]
+        d = reuse.get("dense", {}).get("per_agent", [{}] * n)[k]
+        util = f"{d.get('tflops', 0):.0f} ({d['flop_utilisation']:.0%})" if d.get("flop_utilisation") else f"{d.get('tflops', 0):.2f}"
+        t.add_row(str(k + 1), *cells, util)
+    console.print(t)
+
+
+def _print_sharing(console, sharing: dict) -> None:
+    from rich.table import Table
+
+    rows = sharing["rows"]
+    t = Table(title="sharing: receiver TTFT (ms) and bytes per context token")
+    for col in ("context", "Skyline", "NLD send+recv", *[k.split("_")[1] for k in rows[0] if k.startswith("kvcomm_") and k.endswith("_ms")],
+                "bytes/token @0.3/0.5/0.7/all"):
+        t.add_column(col)
+    for r in rows:
+        ks = [k for k in r if k.startswith("kvcomm_") and k.endswith("_ms")]
+        bpt = "/".join(f"{r[k.replace('_ms', '_bytes_per_token')]:.0f}" for k in ks) + f"/{r['all_layers_bytes_per_token']:.0f}"
+        t.add_row(str(r["context_tokens"]), f"{r['skyline_ms']:.1f}", f"{r['nld_sender_ms']:.0f}+{r['nld_receiver_ms']:.1f}",
+                  *[f"{r[k]:.1f}" for k in ks], bpt)
+    console.print(t)
+
+
+def add_parser(sub, add_model_args, positive_int) -> None:
+    p = sub.add_parser("bench", help="TTFT and bytes: dense vs prefix caching vs KV reuse, KVComm vs Skyline vs NLD")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="gpu" if torch.cuda.is_available() else "cpu",
+                   help="gpu: Llama-3.1-8B architecture, random bf16 weights; cpu: a small Llama for local runs")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--repeats", type=positive_int, default=5, help="measured requests per setting (median reported)")
+    p.add_argument("--anchors", type=positive_int, default=4, help="anchors per placeholder in the pool while timing")
+    p.add_argument("--parts", default="reuse,sweep,sharing", help="comma list of reuse, sweep, sharing")
+    p.add_argument("--out", default="benchmarks/results/local", help="folder for bench.json and bench.png")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    parts = tuple(x.strip() for x in args.parts.split(",") if x.strip())
+    run_bench(args.preset, Path(args.out), args.device, args.repeats, args.anchors, parts=parts)
+    print(f"wrote {Path(args.out) / 'bench.json'}")
+    return 0

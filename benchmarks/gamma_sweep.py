@@ -1,8 +1,9 @@
-"""γ sweep of cross-context KV reuse: reuse rate vs accuracy and agreement with dense, one run.
+"""γ (or τ) sweep of cross-context KV reuse: reuse rate vs accuracy and agreement with dense, one run.
 
-Usage: python benchmarks/gamma_sweep.py [--workload math] [--limit 10] [--gammas 0.1,0.3,0.5,0.7] [--out DIR]
-Dense runs once; each γ runs reuse with a fresh anchor pool over the same items. Writes
-gamma_sweep.json and gamma_sweep.png.
+Usage: python benchmarks/gamma_sweep.py [--workload math] [--limit 10] [--param gamma|tau] [--values 0.1,0.3,0.5,0.7]
+Dense runs once; each value runs reuse with a fresh anchor pool over the same items. Writes
+<param>_sweep.json and <param>_sweep.png. γ only acts where the anchor weights are spread out, which
+τ (the softmax temperature of the distances) decides; sweeping τ shows the other side of the trade-off.
 """
 
 from __future__ import annotations
@@ -23,19 +24,22 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=10)
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--tau", type=float, default=0.01)
-    ap.add_argument("--gammas", default="0.1,0.3,0.5,0.7")
+    ap.add_argument("--gamma", type=float, default=0.3)
+    ap.add_argument("--param", choices=["gamma", "tau"], default="gamma")
+    ap.add_argument("--values", default="0.1,0.3,0.5,0.7")
     ap.add_argument("--out", default="results/gamma-sweep")
     args = ap.parse_args()
     lm = load_model(args.model)
     base = dict(workload=args.workload, agents=args.agents, topology="fully_connected", rounds=1, limit=args.limit,
-                warmup=2, max_new_tokens=args.max_new_tokens, tau=args.tau, max_anchors=20, pool_bytes=8 << 30, seed=0)
-    dense = run_modes(lm, argparse.Namespace(**base, gamma=0.3, mode=["dense"]))["modes"]["dense"]
+                warmup=2, max_new_tokens=args.max_new_tokens, max_anchors=20, pool_bytes=8 << 30, seed=0)
+    dense = run_modes(lm, argparse.Namespace(**base, gamma=args.gamma, tau=args.tau, mode=["dense"]))["modes"]["dense"]
     rows = []
-    for g in [float(x) for x in args.gammas.split(",")]:
-        rep = run_modes(lm, argparse.Namespace(**base, gamma=g, mode=["reuse"]))["modes"]["reuse"]
+    for g in [float(x) for x in args.values.split(",")]:
+        knobs = {"gamma": args.gamma, "tau": args.tau, args.param: g}
+        rep = run_modes(lm, argparse.Namespace(**base, **knobs, mode=["reuse"]))["modes"]["reuse"]
         pairs = list(zip(dense["items"], rep["items"]))
         calls = [(x, y) for a, b in pairs for x, y in zip(a["calls"], b["calls"])]
-        rows.append({"gamma": g, "accuracy": rep["accuracy"], "dense_accuracy": dense["accuracy"],
+        rows.append({**knobs, "accuracy": rep["accuracy"], "dense_accuracy": dense["accuracy"],
                      "reuse_rate": rep["reuse_rate"], "reuse_rate_after_warmup": rep["reuse_rate_after_warmup"],
                      "final_agreement": sum(a["final"] == b["final"] for a, b in pairs) / len(pairs),
                      "call_agreement": sum(x["reply_ids"] == y["reply_ids"] for x, y in calls) / len(calls),
@@ -43,23 +47,25 @@ def main() -> None:
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "pool"}), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gamma_sweep.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    (out / f"{args.param}_sweep.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    gs = [r["gamma"] for r in rows]
+    gs = [r[args.param] for r in rows]
     ax.plot(gs, [r["reuse_rate"] for r in rows], marker="o", label="reuse rate")
     ax.plot(gs, [r["call_agreement"] for r in rows], marker="o", label="agent calls identical to dense")
     ax.plot(gs, [r["accuracy"] for r in rows], marker="o", label="accuracy (reuse)")
     ax.axhline(rows[0]["dense_accuracy"], ls="--", color="gray", label="accuracy (dense)")
-    ax.set(xlabel="γ", ylabel="fraction", title=f"γ sweep: {args.workload}, {args.agents} agents, {args.model}")
+    ax.set(xlabel=args.param, ylabel="fraction", title=f"{args.param} sweep: {args.workload}, {args.agents} agents, {args.model}")
+    if args.param == "tau":
+        ax.set_xscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "gamma_sweep.png", dpi=120)
+    fig.savefig(out / f"{args.param}_sweep.png", dpi=120)
 
 
 if __name__ == "__main__":

@@ -136,20 +136,20 @@ class AnchorPool:
             return None
         v = base.v.float()
         scale = v.pow(2).mean().sqrt().clamp_min(1e-6)
-        diffs = torch.stack([v - a.base.v[:, :, :n].float() for a, _ in cands])  # [A, L, H, n, D]
-        d_global = diffs.pow(2).mean(dim=(1, 2, 3, 4)).sqrt() / scale
+        sq = torch.stack([v - a.base.v[:, :, :n].float() for a, _ in cands]).square_()  # [A, L, H, n, D]
+        d_global = sq.mean(dim=(1, 2, 3, 4)).sqrt() / scale
         w, entropy = _softmax_entropy(d_global, self.tau)
         if len(cands) > 1 and entropy > self.gamma * math.log(len(cands)):
             return None
         # per-token weights for the placeholder: distance over layers, heads, channels at each token
-        d_tok = diffs.pow(2).mean(dim=(1, 2, 4)).sqrt() / scale  # [A, n]
+        d_tok = sq.mean(dim=(1, 2, 4)).sqrt() / scale  # [A, n]
         w_tok = torch.softmax(-d_tok / self.tau, dim=0)
         dphi_k = torch.stack([dl.placeholder.k[:, :, :n].float() for _, dl in cands])
         dphi_v = torch.stack([dl.placeholder.v[:, :, :n].float() for _, dl in cands])
         wt = w_tok[:, None, None, :, None]
         placeholder = KVBlock((wt * dphi_k).sum(0).to(base.k.dtype), (wt * dphi_v).sum(0).to(base.v.dtype))
         # per (layer, head, channel) weights for the following segment: distance over tokens
-        d_ch = diffs.pow(2).mean(dim=3).sqrt() / scale  # [A, L, H, D]
+        d_ch = sq.mean(dim=3).sqrt() / scale  # [A, L, H, D]
         w_ch = torch.softmax(-d_ch / self.tau, dim=0)[:, :, :, None, :]
         seg_k = torch.stack([dl.segment.k.float() for _, dl in cands])
         seg_v = torch.stack([dl.segment.v.float() for _, dl in cands])

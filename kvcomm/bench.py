@@ -354,11 +354,72 @@ def add_parser(sub, add_model_args, positive_int) -> None:
     p.add_argument("--anchors", type=positive_int, default=4, help="anchors per placeholder in the pool while timing")
     p.add_argument("--parts", default="reuse,sweep,sharing", help="comma list of reuse, sweep, sharing")
     p.add_argument("--out", default="benchmarks/results/local", help="folder for bench.json and bench.png")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler tables of one reuse call and one receiver prefill")
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args) -> int:
+    if args.profile:
+        print(profile_calls(args.preset, Path(args.out), args.device))
+        return 0
     parts = tuple(x.strip() for x in args.parts.split(",") if x.strip())
     run_bench(args.preset, Path(args.out), args.device, args.repeats, args.anchors, parts=parts)
     print(f"wrote {Path(args.out) / 'bench.json'}")
     return 0
+
+
+def profile_calls(preset: str = "gpu", out: Path | None = None, device: str | None = None) -> str:
+    """torch.profiler tables for one agent-5 reuse call and one KVComm receiver prefill (where time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from .anchors import AnchorPool
+    from .reuse import Content, ReuseEngine, cache_to_block, forward
+    from .selection import contiguous_layers
+    from .sharing import prefill, send
+
+    cfg, n_agents, prefix, user, reply, *_ = PRESETS[preset]
+    lm = random_model(preset, device)
+    vocab = lm.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    templates = _agent_templates(n_agents, prefix, g, vocab)
+    pool = AnchorPool(byte_budget=1 << 40, gamma=1.0)
+    engine = ReuseEngine(lm, "reuse", pool=pool, max_new_tokens=1)
+
+    def contents(seed):
+        gr = torch.Generator().manual_seed(seed)
+        q = Content(_ids(user, gr, vocab))
+        reps = []
+        for _ in range(n_agents):
+            ids = _ids(reply, gr, vocab)
+            reps.append(Content(ids, cache_to_block(forward(lm, ids, logits=False)[1])))
+        return q, reps
+
+    for seed in range(3):
+        q, reps = contents(seed)
+        for k, agent in enumerate(templates):
+            engine.force_new_anchors = seed == 0
+            engine.call(agent, {"user_question": q, **{f"agent_{j}_current": reps[j] for j in range(k)}}, request=seed)
+        pool.commit(seed)
+    q, reps = contents(99)
+    engine.base_kv(q)
+    last = templates[-1]
+    args = {"user_question": q, **{f"agent_{j}_current": reps[j] for j in range(n_agents - 1)}}
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if lm.device.type == "cuda" else [])
+    sort = "cuda_time_total" if lm.device.type == "cuda" else "cpu_time_total"
+    engine.call(last, args, request="p")
+    with profile(activities=acts) as prof:
+        res = engine.call(last, args, request="p")
+    text = [f"reuse call, agent {n_agents}: path={res.path} ttft={res.ttft_s * 1e3:.1f} ms",
+            prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60)]
+    ctx, qq = _ids(4096, g, vocab), _ids(32, g, vocab)
+    msg = send(lm, ctx).select(contiguous_layers(lm.num_layers, 0.5))
+    prefill(lm, qq, [msg])
+    with profile(activities=acts) as prof:
+        prefill(lm, qq, [msg])
+    text += ["KVComm receiver prefill, 4K context, 0.5 of layers",
+             prof.key_averages().table(sort_by=sort, row_limit=20, max_name_column_width=60)]
+    report = "\n".join(text)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "profile.txt").write_text(report)
+    return report

@@ -208,16 +208,18 @@ class ReuseEngine:
             logits, cache = forward(lm, ids)
             self._record(agent, tkv, cache, spans, contents, bases, matches, agent_key, request)
             return logits, cache, "dense", prefilled + len(ids), {}
-        pieces = [tkv.p0]
-        for kind, a, _ in spans[1:]:
+        # Pieces stay in the origin frame; one re-rotation with per-token shifts moves them all
+        # (fewer kernel launches than one rotation per piece; the result is the same).
+        pieces, shifts = [tkv.p0], [torch.zeros(tkv.p0.n, dtype=torch.long)]
+        for kind, a, b in spans[1:]:
             if kind.startswith("p"):
                 i = int(kind[1:])
-                seg = tkv.segments[i - 1]
-                off = matches[agent.names[i - 1]].segment_offset
-                pieces.append(move(lm, _add_offset(seg, off), a))
+                pieces.append(_add_offset(tkv.segments[i - 1], matches[agent.names[i - 1]].segment_offset))
             else:
-                pieces.append(move(lm, _add_offset(bases[kind], matches[kind].placeholder_offset), a))
+                pieces.append(_add_offset(bases[kind], matches[kind].placeholder_offset))
+            shifts.append(torch.full((b - a,), a, dtype=torch.long))
         full = KVBlock(torch.cat([p.k for p in pieces], 2), torch.cat([p.v for p in pieces], 2))
+        full = KVBlock(rerotate(lm.model, full.k, torch.cat(shifts)), full.v)
         logits, cache = forward(lm, ids[-1:], full.slice(0, len(ids) - 1))
         return logits, cache, "reuse", prefilled + 1, {k: m.entropy for k, m in matches.items()}
 

@@ -74,11 +74,6 @@ def random_model(preset: str, device: str | None = None):
     return LoadedModel(model, _NoTokenizer(), f"random-{spec if isinstance(spec, str) else 'tiny'}", dev, dtype)
 
 
-def _sync(lm):
-    if lm.device.type == "cuda":
-        torch.cuda.synchronize(lm.device)
-
-
 def _ids(n: int, g: torch.Generator, vocab: int) -> list[int]:
     return torch.randint(10, vocab - 10, (n,), generator=g).tolist()
 
@@ -174,13 +169,15 @@ def bench_reuse(lm, n_agents: int, prefix: int, user: int, reply: int, anchors: 
 
 # ---- sharing --------------------------------------------------------------------------------------
 def _timed(lm, fn, repeats: int = 5):
+    from .generation import sync
+
     fn()
     times = []
     for _ in range(repeats):
-        _sync(lm)
+        sync(lm.device)
         t = time.perf_counter()
         fn()
-        _sync(lm)
+        sync(lm.device)
         times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
 

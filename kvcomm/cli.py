@@ -6,6 +6,7 @@ Human-readable output goes to stderr whenever stdout may carry a KV message (`se
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -56,20 +57,12 @@ def _load(args, quiet: bool = False):
     from .models import load_model
 
     console = _console(stderr=True)
-    with console.status(f"loading model {args.model} …", spinner="dots") if not quiet else _nullctx():
+    with console.status(f"loading model {args.model} …", spinner="dots") if not quiet else contextlib.nullcontext():
         lm = load_model(args.model, device=args.device, dtype=args.dtype, progress=not quiet)
     if not quiet:
         console.print(f"[dim]model {lm.name}: {lm.num_layers} layers on {lm.device} ({str(lm.dtype).removeprefix('torch.')}), "
                       f"loaded in {lm.load_seconds:.1f}s[/dim]")
     return lm
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _calibration_samples(path: str | None) -> list[tuple[str, str]]:

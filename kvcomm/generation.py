@@ -10,6 +10,12 @@ from __future__ import annotations
 import torch
 
 
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock timings measure it (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def stop_ids(lm) -> list[int]:
     """EOS ids from tokenizer and generation config, plus common end-of-turn tokens."""
     stops: set[int] = set()

@@ -26,7 +26,7 @@ import torch
 
 from .anchors import AgentDelta, AnchorPool, KVBlock, content_key
 from .attention import causal_mask
-from .generation import greedy_continue, stop_ids
+from .generation import greedy_continue, stop_ids, sync
 from .models import LoadedModel
 from .rope import rerotate
 from .templates import AgentTemplate
@@ -53,11 +53,6 @@ class CallResult:
     prompt_tokens: int
     prefilled_tokens: int
     matched: dict[str, float] = field(default_factory=dict)  # placeholder -> entropy, when reused
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def cache_to_block(cache, a: int = 0, b: int | None = None) -> KVBlock:
@@ -152,7 +147,7 @@ class ReuseEngine:
         lm = self.lm
         tkv = self.template_kv(agent) if self.mode == "reuse" else None
         ids, spans = agent.layout({k: c.ids for k, c in contents.items()})
-        _sync(lm.device)
+        sync(lm.device)
         start = time.perf_counter()
         matched: dict[str, float] = {}
         if self.mode == "dense":
@@ -163,12 +158,12 @@ class ReuseEngine:
             path = "prefix"
         else:
             logits, cache, path, prefilled, matched = self._reuse_call(agent, tkv, ids, spans, contents, request)
-        _sync(lm.device)
+        sync(lm.device)
         ttft = time.perf_counter() - start
         if self.mode == "prefix":  # bookkeeping a paged prefix cache gets for free: not part of TTFT
             self._remember_prefix(agent, ids, cache)
         reply_ids = greedy_continue(lm, cache, logits, len(ids), self.max_new_tokens, self.stops, feed_last=True)
-        _sync(lm.device)
+        sync(lm.device)
         total = time.perf_counter() - start
         reply_base = move(lm, cache_to_block(cache, len(ids), len(ids) + len(reply_ids)), -len(ids)) if reply_ids else None
         return CallResult(agent.agent_id, path, reply_ids, Content(list(reply_ids), reply_base), ttft, total,

@@ -24,16 +24,11 @@ import torch
 
 from .attention import ImportanceRecorder, causal_mask
 from .fingerprint import fingerprint
-from .generation import greedy_continue
+from .generation import greedy_continue, sync
 from .generation import stop_ids as default_stop_ids
 from .message import KVMessage
 from .models import LoadedModel
 from .rope import rerotate
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _ids_tensor(ids, device) -> torch.Tensor:
@@ -125,13 +120,13 @@ def generate(
         messages = [messages]
     ids = _ids_tensor(ids, lm.device)
     stops = set(stop_ids if stop_ids is not None else default_stop_ids(lm))
-    _sync(lm.device)
+    sync(lm.device)
     start = time.perf_counter()
     logits, cache, prefix = prefill(lm, ids, messages)
     first_logits = logits[0, -1].float().cpu()
-    _sync(lm.device)
+    sync(lm.device)
     ttft = time.perf_counter() - start
     out_ids = greedy_continue(lm, cache, logits[0, -1], prefix + ids.shape[1], max_new_tokens, stops)
-    _sync(lm.device)
+    sync(lm.device)
     text = lm.tokenizer.decode(out_ids, skip_special_tokens=True).strip()
     return Generation(text, out_ids, ttft, time.perf_counter() - start, ids.shape[1], prefix, first_logits)

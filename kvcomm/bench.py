@@ -105,27 +105,32 @@ def _agent_templates(n_agents: int, prefix: int, g, vocab: int):
     return templates
 
 
+def random_request(lm, seed: int, n_agents: int, user: int, reply: int):
+    """A random user input and one random reply per agent, each reply with its producer's base KV
+    (computed here, outside any timed region: in a real run it is a by-product of decoding)."""
+    from .reuse import Content, cache_to_block, forward
+
+    vocab = lm.config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    question = Content(_ids(user, g, vocab))
+    replies = []
+    for _ in range(n_agents):
+        ids = _ids(reply, g, vocab)
+        replies.append(Content(ids, cache_to_block(forward(lm, ids, logits=False)[1])))
+    return question, replies
+
+
 def bench_reuse(lm, n_agents: int, prefix: int, user: int, reply: int, anchors: int = 4, repeats: int = 5,
                 modes=("dense", "prefix", "reuse"), progress=None) -> dict:
     from .anchors import AnchorPool
-    from .reuse import Content, ReuseEngine, cache_to_block, forward
+    from .reuse import ReuseEngine
 
     vocab = lm.config.vocab_size
     g = torch.Generator().manual_seed(1)
     templates = _agent_templates(n_agents, prefix, g, vocab)
 
-    def request(seed):
-        gr = torch.Generator().manual_seed(seed)
-        question = Content(_ids(user, gr, vocab))
-        replies = []
-        for _ in range(n_agents):
-            ids = _ids(reply, gr, vocab)
-            _, cache = forward(lm, ids, logits=False)
-            replies.append(Content(ids, cache_to_block(cache)))
-        return question, replies
-
     def run(engine, seed, record=True):
-        question, replies = request(seed)
+        question, replies = random_request(lm, seed, n_agents, user, reply)
         rows = []
         for k, agent in enumerate(templates):
             contents = {"user_question": question, **{f"agent_{j}_current": replies[j] for j in range(k)}}
@@ -370,7 +375,7 @@ def profile_calls(preset: str = "gpu", out: Path | None = None, device: str | No
     from torch.profiler import ProfilerActivity, profile
 
     from .anchors import AnchorPool
-    from .reuse import Content, ReuseEngine, cache_to_block, forward
+    from .reuse import ReuseEngine
     from .selection import contiguous_layers
     from .sharing import prefill, send
 
@@ -382,22 +387,13 @@ def profile_calls(preset: str = "gpu", out: Path | None = None, device: str | No
     pool = AnchorPool(byte_budget=1 << 40, gamma=1.0)
     engine = ReuseEngine(lm, "reuse", pool=pool, max_new_tokens=1)
 
-    def contents(seed):
-        gr = torch.Generator().manual_seed(seed)
-        q = Content(_ids(user, gr, vocab))
-        reps = []
-        for _ in range(n_agents):
-            ids = _ids(reply, gr, vocab)
-            reps.append(Content(ids, cache_to_block(forward(lm, ids, logits=False)[1])))
-        return q, reps
-
     for seed in range(3):
-        q, reps = contents(seed)
+        q, reps = random_request(lm, seed, n_agents, user, reply)
         for k, agent in enumerate(templates):
             engine.force_new_anchors = seed == 0
             engine.call(agent, {"user_question": q, **{f"agent_{j}_current": reps[j] for j in range(k)}}, request=seed)
         pool.commit(seed)
-    q, reps = contents(99)
+    q, reps = random_request(lm, 99, n_agents, user, reply)
     engine.base_kv(q)
     last = templates[-1]
     args = {"user_question": q, **{f"agent_{j}_current": reps[j] for j in range(n_agents - 1)}}

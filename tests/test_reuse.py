@@ -72,7 +72,6 @@ def test_reused_cache_equals_dense_cache_on_replay():
     lm = make_tiny()
     agent = AgentTemplate.build(lm.tokenizer, "a", "you are one", "what {user_question} is the answer")
     q = rand_ids(7, 3)
-    dense = ReuseEngine(lm, "dense", max_new_tokens=1)
     reuse = ReuseEngine(lm, "reuse", max_new_tokens=1)
     reuse.call(agent, {"user_question": Content(q)}, request=1)
     reuse.pool.commit(1)
@@ -92,7 +91,6 @@ def test_reused_cache_equals_dense_cache_on_replay():
     ids, _ = agent.layout({"user_question": q})
     ref, _ = forward(lm, ids)
     torch.testing.assert_close(captured["logits"], ref, atol=1e-4, rtol=1e-4)
-    del dense
 
 
 def test_prefix_mode_reuses_exact_prefix_and_matches_dense():

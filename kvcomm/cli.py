@@ -292,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_parser as add_bench_parser
 
     add_bench_parser(sub, _add_model_args, _positive_int)
+    from .evaluate import add_parser as add_eval_parser
+
+    add_eval_parser(sub, _add_model_args, _positive_int)
     return parser
 
 

@@ -1,0 +1,56 @@
+"""Evaluation runner: a user JSONL file end to end, resumption, outputs; CLI errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import make_tiny
+
+from kvcomm.cli import main
+from kvcomm.evaluate import method_names, run_eval
+
+FIXTURE = str(Path(__file__).parent / "data" / "fixture.jsonl")
+
+
+def test_user_jsonl_end_to_end_and_resume(tmp_path):
+    lm = make_tiny()
+    methods, ratios = ["baseline", "skyline", "kvcomm", "random", "contiguous"], [0.25, 0.5]
+    s1 = run_eval(lm, [FIXTURE, "twohop"], methods, ratios, limit=3, out=tmp_path, max_new_tokens=3, progress=False)
+    names = method_names(methods, ratios)
+    assert len(names) == 8
+    rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 3 * 8 and s1["ran"] == 48 and s1["resumed"] == 0
+    kv = [r for r in rows if r["method"] == "kvcomm@0.5"]
+    assert all(len(r["layers"]) == 2 and r["bytes"] > 0 and r["sender_flops"] > 0 for r in kv)
+    assert all(r["bytes"] == 0 for r in rows if r["method"] in ("baseline", "skyline"))
+    assert all(0 <= r["f1"] <= 1 for r in rows)
+    # interrupted run: drop the last 5 rows, re-run, only those are recomputed
+    (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:-5]) + "\n")
+    s2 = run_eval(lm, [FIXTURE, "twohop"], methods, ratios, limit=3, out=tmp_path, max_new_tokens=3, progress=False)
+    assert s2["ran"] == 5 and s2["resumed"] == 43
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 48
+    for f in ("summary.json", "table.md", "eval.png", "rankings/fixture.json"):
+        assert (tmp_path / f).exists(), f
+    table = (tmp_path / "table.md").read_text()
+    assert "| kvcomm@0.5 |" in table and "fixture" in table
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["eval", "share", "--tasks", "nope"], "unknown task"),
+    (["eval", "share", "--tasks", "/no/such.jsonl"], "does not exist"),
+    (["eval", "share", "--methods", "cipher"], "not yet implemented"),
+    (["eval", "share", "--ratios", "2"], "--ratios"),
+])
+def test_eval_cli_errors(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_cli_names_a_bad_jsonl_line(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"context": "c", "question": "q", "answers": ["a"]}\n{broken\n')
+    assert main(["eval", "share", "--tasks", str(bad)]) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err

@@ -5,8 +5,9 @@ ratio `kvcomm` (attention importance + prior), `random` (seeded) and `contiguous
 contiguous chunk of the same size). NLD, CIPHER, AC and online recalibration are not implemented yet.
 
 Every finished (task, item, method) is appended to `results.jsonl` at once and skipped on a re-run,
-so an interrupted run resumes where it stopped. The ranking per task is calibrated on one held-out
-sample (seed + 1000) and saved in the output folder. Costs per item: bytes on the wire and analytic
+so an interrupted run resumes where it stopped. The ranking per task is calibrated on one sample and
+saved in the output folder: for a generated task a held-out one (seed + 1000); for a user JSONL file
+its first item, which is also evaluated (a file has no held-out split). Costs per item: bytes on the wire and analytic
 FLOPs for sender and receiver (`bench.prefill_flops`), wall time.
 """
 

@@ -44,7 +44,7 @@ def task_ranking(lm, task: str, seed: int, out: Path) -> Ranking:
     path = out / "rankings" / f"{Path(task).stem}.json"
     if path.exists():
         return Ranking.load(path)
-    held_out = load_items(task, 1, seed + 1000) if not task.endswith(".jsonl") else load_items(task, 1, seed)
+    held_out = load_items(task, 1, seed + 1000)  # a JSONL file ignores the seed: its first item
     ranking = calibrate(lm, [(held_out[0]["context"], held_out[0]["question"])], task=task)
     ranking.save(path)
     return ranking

@@ -1,8 +1,8 @@
 """Greedy decoding from a prepared cache: one loop shared by sharing, reuse and the agent runner.
 
-Every step passes explicit `position_ids` and a 4-D mask sized for the longest cache layer, so caches
-whose layers hold different prefix lengths (selective sharing) and caches assembled from reused
-pieces decode the same way.
+Every step passes explicit `position_ids`; a 4-D mask sized for the longest cache layer is passed only
+when layers hold different lengths (selective sharing), so uniform caches decode with SDPA's fastest
+kernel and ragged ones stay correct.
 """
 
 from __future__ import annotations

@@ -79,12 +79,10 @@ def move(lm: LoadedModel, block: KVBlock, delta: int) -> KVBlock:
 @torch.no_grad()
 def forward(lm: LoadedModel, ids: list[int], past: KVBlock | None = None, logits: bool = True):
     """Prefill `ids` after `past` (positions continue from it); return (last logits, full cache)."""
-    p = past.n if past is not None else 0
-    cache = block_to_cache(lm, past) if past is not None and past.n else None
-    if cache is None:
-        from transformers import DynamicCache
+    from transformers import DynamicCache
 
-        cache = DynamicCache(config=lm.model.config)
+    p = past.n if past is not None else 0
+    cache = block_to_cache(lm, past) if p else DynamicCache(config=lm.model.config)
     t = torch.tensor([ids], device=lm.device)
     # No mask where plain causal attention is right (from position 0, or one new token): SDPA then
     # takes its fastest (flash) kernel. After a prefix, several new tokens need the offset causal mask.
@@ -191,7 +189,7 @@ class ReuseEngine:
 
     def _reuse_call(self, agent, tkv: TemplateKV, ids, spans, contents, request):
         lm = self.lm
-        agent_key = f"{agent.agent_id}|{content_key([repr(agent.key)])[:16]}"
+        agent_key = agent.pool_key
         prefilled = 0
         bases: dict[str, KVBlock] = {}
         matches = {}

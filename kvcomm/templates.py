@@ -86,6 +86,13 @@ class AgentTemplate:
         """Identity of the fixed parts: two calls with the same key share template KV."""
         return (self.agent_id, tuple(tuple(s) for s in self.segment_ids), self.names)
 
+    @cached_property
+    def pool_key(self) -> str:
+        """Stable, process-independent id under which the anchor pool keeps this template's deltas."""
+        from .anchors import content_key
+
+        return f"{self.agent_id}|{content_key([repr(self.key)])[:16]}"
+
     def layout(self, contents: dict[str, list[int]]) -> tuple[list[int], list[tuple[str, int, int]]]:
         """Prompt ids and spans [(kind, start, end)], kind = 'p<i>' for segments or the placeholder name."""
         missing = [n for n in self.names if n not in contents]

@@ -1,21 +1,34 @@
 """`kvcomm eval share`: selective-sharing methods × tasks, resumable, with the paper's metrics.
 
-Methods implemented so far: `baseline` (question only), `skyline` (context + question), and at each
-ratio `kvcomm` (attention importance + prior), `random` (seeded) and `contiguous` (the best-scoring
-contiguous chunk of the same size). NLD, CIPHER, AC and online recalibration are not implemented yet.
+Methods (KVComm paper §4): `baseline` (question only), `skyline` (context + question), `nld`,
+`cipher`, `ac-replace` / `ac-mean` / `ac-sum` (see `kvcomm.baselines`), and at each ratio
+`kvcomm` (attention importance + prior, calibrated once), `kvcomm-online` (recalibrated every T
+queries), `random` (seeded) and `contiguous` (the best-scoring contiguous chunk of the same size).
+
+Choices where the paper is silent, for a 135M model that answers in full sentences:
+- Every receiver prompt ends with `answer_prefix` ("The answer is:" by default) inside the reply, and
+  the answer scored is the reply's first line. Without it SmolLM2-135M writes "The Sydney Opera House
+  is located in Australia.", whose token F1 against "Australia" is 0.25, so the match rate would
+  measure verbosity, not recall. The raw reply is kept in the results.
+- The static ranking per task is calibrated on one sample: for a generated task a held-out one
+  (seed + 1000); for a user JSONL file its first item, which is also evaluated.
+- `kvcomm-online`: at every T-th query of a task (0, T, 2T, …) the sender sends all layers, the
+  receiver records Eq. 1 on it, and the ranking becomes the mean Ŝ over all such queries so far; that
+  query is then answered with the new selection. Its bytes count the full message on those queries.
 
 Every finished (task, item, method) is appended to `results.jsonl` at once and skipped on a re-run,
-so an interrupted run resumes where it stopped. The ranking per task is calibrated on one sample and
-saved in the output folder: for a generated task a held-out one (seed + 1000); for a user JSONL file
-its first item, which is also evaluated (a file has no held-out split). Costs per item: bytes on the wire and analytic
-FLOPs for sender and receiver (`bench.prefill_flops`), wall time.
+so an interrupted run resumes where it stopped; a torn last line (a kill mid-write) is dropped.
+Summary files are written to a temporary name and renamed. Costs per item: bytes on the wire,
+analytic FLOPs for sender and receiver (`bench.prefill_flops`), sender time and receiver TTFT.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
+from . import baselines
 from .bench import prefill_flops
 from .datasets import read_jsonl
 from .metrics import exact_match, match, rouge_l_recall, token_f1
@@ -24,7 +37,10 @@ from .selection import Ranking, calibrate, contiguous_layers, random_layers
 from .sharing import generate, send
 from .tasks import generate as generate_task
 
-RATIO_METHODS = ("kvcomm", "random", "contiguous")
+RATIO_METHODS = ("kvcomm", "kvcomm-online", "random", "contiguous")
+PLAIN_METHODS = ("baseline", "skyline", "nld", "cipher", "ac-replace", "ac-mean", "ac-sum")
+DEFAULT_METHODS = "baseline,skyline,nld,cipher,ac,kvcomm,kvcomm-online,random,contiguous"
+ANSWER_PREFIX = "The answer is:"
 
 
 def load_items(task: str, limit: int, seed: int) -> list[dict]:
@@ -33,91 +49,185 @@ def load_items(task: str, limit: int, seed: int) -> list[dict]:
     return generate_task(task, limit, seed)
 
 
+def expand_methods(methods: list[str]) -> list[str]:
+    """'ac' stands for its three modes; unknown names raise DataError."""
+    from .errors import DataError
+
+    out = []
+    for m in methods:
+        names = [f"ac-{mode}" for mode in baselines.AC_MODES] if m == "ac" else [m]
+        for name in names:
+            if name not in PLAIN_METHODS + RATIO_METHODS:
+                raise DataError(f"unknown method {m!r}; choose from {', '.join(PLAIN_METHODS + RATIO_METHODS)} or ac")
+            out.append(name)
+    return out
+
+
 def method_names(methods: list[str], ratios: list[float]) -> list[str]:
     names = []
-    for m in methods:
+    for m in expand_methods(methods):
         names += [f"{m}@{r}" for r in ratios] if m in RATIO_METHODS else [m]
     return names
 
 
-def task_ranking(lm, task: str, seed: int, out: Path) -> Ranking:
+def task_ranking(lm, task: str, seed: int, out: Path, answer_prefix: str) -> Ranking:
     path = out / "rankings" / f"{Path(task).stem}.json"
     if path.exists():
         return Ranking.load(path)
     held_out = load_items(task, 1, seed + 1000)  # a JSONL file ignores the seed: its first item
-    ranking = calibrate(lm, [(held_out[0]["context"], held_out[0]["question"])], task=task)
+    ranking = calibrate(lm, [(held_out[0]["context"], held_out[0]["question"])], task=task, answer_prefix=answer_prefix)
     ranking.save(path)
     return ranking
 
 
-def run_item(lm, item: dict, method: str, ranking: Ranking, seed: int, max_new_tokens: int) -> dict:
+class OnlineRanking:
+    """Rankings recalibrated every `every` queries of one task: mean Ŝ over queries 0, T, 2T, … ≤ i."""
+
+    def __init__(self, lm, items: list[dict], every: int, answer_prefix: str):
+        self.lm, self.items, self.every, self.answer_prefix = lm, items, every, answer_prefix
+        self._by_round: dict[int, Ranking] = {}
+
+    def at(self, index: int) -> tuple[Ranking, bool]:
+        """The ranking in force for query `index`, and whether that query was a recalibration."""
+        rounds = index // self.every
+        if rounds not in self._by_round:
+            samples = [(it["context"], it["question"]) for it in self.items[: index + 1 : self.every]]
+            self._by_round[rounds] = calibrate(self.lm, samples, task="online", answer_prefix=self.answer_prefix)
+        return self._by_round[rounds], index % self.every == 0
+
+
+class ItemState:
+    """What several methods of one item share: the prompt split and the sender's all-layer message."""
+
+    def __init__(self, lm, item: dict, answer_prefix: str):
+        self.split = split_prompt(lm.tokenizer, item["context"], item["question"], answer_prefix=answer_prefix)
+        self.lm, self.item, self._msg, self.send_s = lm, item, None, 0.0
+
+    def message(self):
+        if self._msg is None:
+            start = time.perf_counter()
+            self._msg = send(self.lm, self.split.sender_ids)
+            self.send_s = time.perf_counter() - start
+        return self._msg
+
+
+def ratio_layers(lm, name: str, ratio: float, ranking: Ranking, seed: int) -> list[int]:
+    if name in ("kvcomm", "kvcomm-online"):
+        return ranking.select(ratio)
+    if name == "random":
+        return random_layers(lm.num_layers, ratio, seed)
+    return contiguous_layers(lm.num_layers, ratio, scores=ranking.combined())
+
+
+def run_item(lm, item: dict, method: str, ranking: Ranking | None, seed: int, max_new_tokens: int,
+             state: ItemState | None = None, online: OnlineRanking | None = None, answer_prefix: str = ANSWER_PREFIX,
+             summary_tokens: int = 48, ac_layer: int | None = None) -> dict:
     name, _, ratio = method.partition("@")
-    split = split_prompt(lm.tokenizer, item["context"], item["question"])
+    state = state or ItemState(lm, item, answer_prefix)
+    split = state.split
     n_ctx, n_q = len(split.sender_ids), len(split.receiver_ids)
-    layers, nbytes, sender_flops = [], 0, 0.0
+    ctx, question = item["context"], item["question"]
+    cost = {"layers": [], "bytes": 0, "sender_flops": 0.0, "sender_s": 0.0, "message": ""}
     if name == "baseline":
-        gen = generate(lm, baseline_ids(lm.tokenizer, item["question"]), max_new_tokens=max_new_tokens)
-        receiver_flops = prefill_flops(lm, gen.prompt_tokens)
+        gen = generate(lm, baseline_ids(lm.tokenizer, question, answer_prefix=answer_prefix), max_new_tokens=max_new_tokens)
+        cost["receiver_flops"] = prefill_flops(lm, gen.prompt_tokens)
     elif name == "skyline":
         gen = generate(lm, split.skyline_ids, max_new_tokens=max_new_tokens)
-        receiver_flops = prefill_flops(lm, n_ctx + n_q)
+        cost["receiver_flops"] = prefill_flops(lm, n_ctx + n_q)
+    elif name == "nld":
+        gen, extra = baselines.nld(lm, ctx, question, max_new_tokens, summary_tokens, answer_prefix)
+        cost.update(extra)
+    elif name == "cipher":
+        gen, extra = baselines.cipher(lm, ctx, question, max_new_tokens, summary_tokens, answer_prefix)
+        cost.update(extra)
+    elif name.startswith("ac-"):
+        gen, extra = baselines.ac(lm, ctx, question, name[3:], max_new_tokens, ac_layer, answer_prefix)
+        cost.update(extra)
     else:
-        r = float(ratio)
-        if name == "kvcomm":
-            layers = ranking.select(r)
-        elif name == "random":
-            layers = random_layers(lm.num_layers, r, seed)
-        else:
-            layers = contiguous_layers(lm.num_layers, r, scores=ranking.combined())
-        msg = send(lm, split.sender_ids, layers)
-        nbytes = msg.payload_bytes
-        sender_flops = prefill_flops(lm, n_ctx)
+        recalibrated = False
+        if name == "kvcomm-online":
+            ranking, recalibrated = online.at(item["_index"])
+        layers = ratio_layers(lm, name, float(ratio), ranking, seed)
+        full = state.message()
+        msg = full.select(layers)
+        cost.update(layers=layers, bytes=full.payload_bytes if recalibrated else msg.payload_bytes,
+                    sender_flops=prefill_flops(lm, n_ctx), sender_s=state.send_s)
         gen = generate(lm, split.receiver_ids, msg, max_new_tokens=max_new_tokens)
-        receiver_flops = prefill_flops(lm, n_q, past=round(n_ctx * len(layers) / lm.num_layers))
-    answers = item["answers"]
-    return {"task": item["_task"], "id": item["id"], "method": method, "answer": gen.text,
-            "f1": token_f1(gen.text, answers), "match": match(gen.text, answers), "em": exact_match(gen.text, answers),
-            "rouge_l": rouge_l_recall(gen.text, answers), "layers": layers, "bytes": nbytes,
-            "sender_flops": sender_flops, "receiver_flops": receiver_flops, "ttft_ms": gen.ttft_s * 1e3,
+        cost["receiver_flops"] = prefill_flops(lm, n_q, past=round(n_ctx * len(layers) / lm.num_layers))
+    answer, answers = (gen.text.splitlines() or [""])[0].strip(), item["answers"]
+    return {"task": item["_task"], "id": item["id"], "method": method, "answer": answer, "reply": gen.text,
+            "f1": token_f1(answer, answers), "match": match(answer, answers), "em": exact_match(answer, answers),
+            "rouge_l": rouge_l_recall(answer, answers), **cost, "ttft_ms": gen.ttft_s * 1e3,
             "total_ms": gen.total_s * 1e3}
 
 
+def read_results(path: Path) -> dict:
+    """Finished rows keyed by (task, id, method). A torn last line (killed mid-write) is cut off the file."""
+    done: dict = {}
+    if not path.exists():
+        return done
+    good = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                row = json.loads(raw)
+            except ValueError:
+                break
+            if not raw.endswith(b"\n"):
+                break
+            done[(row["task"], row["id"], row["method"])] = row
+            good += len(raw)
+    if good != path.stat().st_size:
+        with open(path, "r+b") as f:
+            f.truncate(good)
+    return done
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def run_eval(lm, tasks: list[str], methods: list[str], ratios: list[float], limit: int, out: Path, seed: int = 0,
-             max_new_tokens: int = 24, progress: bool = True) -> dict:
+             max_new_tokens: int = 12, progress: bool = True, answer_prefix: str = ANSWER_PREFIX,
+             recalibrate_every: int = 50, summary_tokens: int = 48, ac_layer: int | None = None) -> dict:
     from tqdm.auto import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
-    done = {}
-    if results_path.exists():
-        for line in results_path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                done[(row["task"], row["id"], row["method"])] = row
+    done = read_results(results_path)
     names = method_names(methods, ratios)
-    todo = []
-    rankings = {}
+    per_task, rankings, online = {}, {}, {}
     for task in tasks:
         items = load_items(task, limit, seed)
         if any(m.partition("@")[0] in RATIO_METHODS for m in names):
-            rankings[task] = task_ranking(lm, task, seed, out)
-        for item in items:
-            item = dict(item, _task=task)
-            todo += [(item, m) for m in names if (task, item["id"], m) not in done]
+            rankings[task] = task_ranking(lm, task, seed, out, answer_prefix)
+        online[task] = OnlineRanking(lm, items, recalibrate_every, answer_prefix)
+        per_task[task] = [dict(item, _task=task, _index=i) for i, item in enumerate(items)]
+    # Item i of every task before item i + 1 of any: an interrupted run still gives a balanced table.
+    todo = [(item, m) for i in range(max(map(len, per_task.values()), default=0))
+            for task in tasks if i < len(per_task[task]) for item in [per_task[task][i]]
+            for m in names if (task, item["id"], m) not in done]
     skipped = len(done)
+    state = None
     with open(results_path, "a") as f:
         for item, m in tqdm(todo, desc="eval", disable=not progress, unit="run"):
-            row = run_item(lm, item, m, rankings.get(item["_task"]), seed, max_new_tokens)
+            if state is None or state.item is not item:
+                state = ItemState(lm, item, answer_prefix)
+            task = item["_task"]
+            row = run_item(lm, item, m, rankings.get(task), seed, max_new_tokens, state, online[task], answer_prefix,
+                           summary_tokens, ac_layer)
             f.write(json.dumps(row) + "\n")
             f.flush()
             done[(row["task"], row["id"], row["method"])] = row
     summary = summarise(list(done.values()), tasks, names)
     summary.update({"model": lm.name, "limit": limit, "seed": seed, "ran": len(todo), "resumed": skipped,
+                    "answer_prefix": answer_prefix, "recalibrate_every": recalibrate_every,
+                    "ac_layer": baselines.ac_layer(lm.num_layers) if ac_layer is None else ac_layer,
                     "rankings": {t: r.raw for t, r in rankings.items()}})
-    tmp = out / "summary.json.partial"
-    tmp.write_text(json.dumps(summary, indent=1))
-    tmp.replace(out / "summary.json")
-    (out / "table.md").write_text(markdown_table(summary))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=1))
+    write_atomic(out / "table.md", markdown_table(summary))
     plot(summary, out)
     return summary
 
@@ -130,22 +240,32 @@ def summarise(rows: list[dict], tasks: list[str], names: list[str]) -> dict:
             sel = [r for r in rows if r["method"] == m and r["task"] == t]
             if sel:
                 table[m][t] = {k: sum(float(r[k]) for r in sel) / len(sel) for k in ("match", "em", "f1", "rouge_l", "bytes",
-                                                                                     "sender_flops", "receiver_flops", "ttft_ms")}
+                                                                                     "sender_flops", "receiver_flops", "ttft_ms", "sender_s")}
                 table[m][t]["n"] = len(sel)
     return {"tasks": tasks, "methods": names, "table": table}
 
 
 def markdown_table(summary: dict) -> str:
-    tasks = summary["tasks"]
-    lines = ["| method | " + " | ".join(Path(t).stem for t in tasks) + " | mean | bytes/item |",
-             "|---" * (len(tasks) + 3) + "|"]
+    """Methods × tasks match rates (the paper's table), then mean costs per item over tasks."""
+    tasks, table = summary["tasks"], summary["table"]
+    lines = ["| method | " + " | ".join(Path(t).stem for t in tasks) + " | mean | bytes/item | sender GFLOP "
+             "| receiver GFLOP | sender ms | receiver TTFT ms |", "|---" * (len(tasks) + 7) + "|"]
     for m in summary["methods"]:
-        cells = [summary["table"][m].get(t, {}).get("match") for t in tasks]
+        cells = [table[m].get(t, {}).get("match") for t in tasks]
         vals = [c for c in cells if c is not None]
-        mean_bytes = [summary["table"][m][t]["bytes"] for t in tasks if t in summary["table"][m]]
+        rows = [table[m][t] for t in tasks if t in table[m]]
+        if not rows:
+            continue
+
+        def mean(key, rows=rows):
+            return sum(r.get(key, 0.0) for r in rows) / len(rows)
+
         lines.append(f"| {m} | " + " | ".join("-" if c is None else f"{c:.2f}" for c in cells)
-                     + f" | {sum(vals) / len(vals):.2f} | {sum(mean_bytes) / max(1, len(mean_bytes)):,.0f} |")
-    return "\n".join(lines) + "\n\nmatch rate = share of answers with token F1 > 0.5 (the paper's 'F1')\n"
+                     + f" | {sum(vals) / len(vals):.2f} | {mean('bytes'):,.0f} | {mean('sender_flops') / 1e9:.2f} "
+                     f"| {mean('receiver_flops') / 1e9:.2f} | {mean('sender_s') * 1e3:.0f} | {mean('ttft_ms'):.0f} |")
+    n = {t: max((table[m][t]["n"] for m in table if t in table[m]), default=0) for t in tasks}
+    return ("\n".join(lines) + "\n\nmatch rate = share of answers with token F1 > 0.5 (the paper's 'F1'); items per task: "
+            + ", ".join(f"{Path(t).stem} {k}" for t, k in n.items()) + "\n")
 
 
 def plot(summary: dict, out: Path) -> None:
@@ -165,16 +285,17 @@ def plot(summary: dict, out: Path) -> None:
         pts = sorted((float(m.split("@")[1]), mean(m, "match")) for m in summary["methods"] if m.startswith(base + "@"))
         if pts:
             axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=base)
-    for m, style in (("skyline", "--"), ("baseline", ":")):
+    for i, m in enumerate(PLAIN_METHODS):
         if m in table and mean(m, "match") is not None:
-            axes[0].axhline(mean(m, "match"), ls=style, color="gray", label=m)
+            axes[0].axhline(mean(m, "match"), ls=("--", ":", "-.")[i % 3], color=f"C{4 + i}", label=m, lw=1)
     axes[0].set(xlabel="share of layers sent", ylabel="match rate (mean over tasks)", title="accuracy vs layer ratio")
     axes[0].legend(fontsize=8)
     for m in summary["methods"]:
         if mean(m, "bytes"):
             axes[1].scatter(mean(m, "bytes"), mean(m, "match"), label=m)
     axes[1].set(xscale="log", xlabel="bytes sent per item", ylabel="match rate", title="accuracy vs bytes")
-    axes[1].legend(fontsize=7)
+    if axes[1].collections:
+        axes[1].legend(fontsize=7)
     for t, raw in summary.get("rankings", {}).items():
         axes[2].plot(range(len(raw)), raw, marker=".", label=Path(t).stem)
     axes[2].set(xlabel="layer", ylabel="attention importance Ŝ_l", title="per-layer importance (calibration)")
@@ -189,17 +310,25 @@ def plot(summary: dict, out: Path) -> None:
 
 
 def add_parser(sub, add_model_args, positive_int) -> None:
-    p = sub.add_parser("eval", help="evaluate methods × tasks (selective sharing), resumable")
+    p = sub.add_parser("eval", help="evaluate methods × tasks (selective sharing), resumable",
+                       description="Compare KV sharing with Baseline, Skyline, NLD, CIPHER, AC, Random and contiguous "
+                                   "layers on generated tasks or your JSONL files. Re-running with the same --out resumes.")
     p.add_argument("what", choices=["share"], help="what to evaluate (share = selective KV sharing)")
     add_model_args(p)
     p.add_argument("--tasks", default="countries,tipsheets,twohop,needle",
                    help="comma list of countries, tipsheets, twohop, needle[:words], or .jsonl paths")
-    p.add_argument("--methods", default="baseline,skyline,kvcomm,random,contiguous",
-                   help="comma list of baseline, skyline, kvcomm, random, contiguous")
-    p.add_argument("--ratios", default="0.3,0.5,0.7", help="layer ratios for kvcomm/random/contiguous")
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help=f"comma list of {', '.join(PLAIN_METHODS + RATIO_METHODS)}; 'ac' = its three modes (default: all)")
+    p.add_argument("--ratios", default="0.3,0.5,0.7", help="layer ratios for kvcomm/kvcomm-online/random/contiguous")
     p.add_argument("--limit", type=positive_int, default=200, help="items per task (default 200)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=positive_int, default=24)
+    p.add_argument("--max-new-tokens", type=positive_int, default=12, help="answer length cap (default 12)")
+    p.add_argument("--answer-prefix", default=ANSWER_PREFIX,
+                   help=f"text that starts every reply, so answers stay short (default {ANSWER_PREFIX!r}; '' for none)")
+    p.add_argument("--recalibrate-every", type=positive_int, default=50, metavar="T",
+                   help="kvcomm-online recalibrates on every T-th query (default 50)")
+    p.add_argument("--summary-tokens", type=positive_int, default=48, help="NLD/CIPHER message length (default 48)")
+    p.add_argument("--ac-layer", type=int, default=None, help="AC layer k = j (default round(26/32 · layers))")
     p.add_argument("--out", default="runs/eval", help="output folder (re-running resumes)")
     p.set_defaults(func=cmd_eval)
 
@@ -209,9 +338,7 @@ def cmd_eval(args) -> int:
     from .errors import DataError
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in ("baseline", "skyline", *RATIO_METHODS)]
-    if unknown:
-        raise DataError(f"unknown or not yet implemented methods {unknown}; choose baseline, skyline, kvcomm, random, contiguous")
+    expand_methods(methods)  # unknown names fail before the model loads
     try:
         ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
     except ValueError:
@@ -222,7 +349,11 @@ def cmd_eval(args) -> int:
     for t in tasks:
         load_items(t, 1, args.seed)  # fail fast on a bad task name or JSONL file, before loading the model
     lm = _load(args)
-    summary = run_eval(lm, tasks, methods, ratios, args.limit, Path(args.out), args.seed, args.max_new_tokens)
+    if args.ac_layer is not None and not 0 <= args.ac_layer < lm.num_layers:
+        raise DataError(f"--ac-layer must be in 0..{lm.num_layers - 1} for {lm.name}, got {args.ac_layer}")
+    summary = run_eval(lm, tasks, methods, ratios, args.limit, Path(args.out), args.seed, args.max_new_tokens,
+                       answer_prefix=args.answer_prefix, recalibrate_every=args.recalibrate_every,
+                       summary_tokens=args.summary_tokens, ac_layer=args.ac_layer)
     print(markdown_table(summary))
     print(f"ran {summary['ran']} item-methods, resumed {summary['resumed']}; wrote {args.out}/summary.json, table.md, eval.png")
     return 0

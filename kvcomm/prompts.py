@@ -41,14 +41,21 @@ def _body(context: str, question: str, chat: bool) -> str:
     return f"{context}\n\n{question}" if chat else f"Context: {context}\n\nQuestion: {question}"
 
 
-def split_prompt(tokenizer, context: str, question: str, system: str | None = DEFAULT_SYSTEM) -> SplitPrompt:
+def split_text(tokenizer, context: str, question: str, system: str | None = DEFAULT_SYSTEM,
+               answer_prefix: str = "") -> tuple[str, str]:
+    """The rendered Skyline prompt cut where the question begins: (sender text, receiver text)."""
     chat = bool(getattr(tokenizer, "chat_template", None))
     text = _render(tokenizer, _body(_C, _Q, chat), system)
     cut = text.index(_Q)
     if not chat:
         cut = text.index("Question: " + _Q)
-    sender_text = text[:cut].replace(_C, context)
-    receiver_text = text[cut:].replace(_Q, question)
+    return text[:cut].replace(_C, context), text[cut:].replace(_Q, question) + answer_prefix
+
+
+def split_prompt(tokenizer, context: str, question: str, system: str | None = DEFAULT_SYSTEM,
+                 answer_prefix: str = "") -> SplitPrompt:
+    """`answer_prefix` starts the reply (e.g. "The answer is:"), so small models answer in a few words."""
+    sender_text, receiver_text = split_text(tokenizer, context, question, system, answer_prefix)
     return SplitPrompt(_encode(tokenizer, sender_text), _encode(tokenizer, receiver_text))
 
 
@@ -60,9 +67,9 @@ def receiver_ids(tokenizer, question: str, system: str | None = DEFAULT_SYSTEM) 
     return split_prompt(tokenizer, "", question, system).receiver_ids
 
 
-def baseline_ids(tokenizer, question: str, system: str | None = DEFAULT_SYSTEM) -> list[int]:
+def baseline_ids(tokenizer, question: str, system: str | None = DEFAULT_SYSTEM, answer_prefix: str = "") -> list[int]:
     """The receiver alone: the question with no context at all."""
-    return _encode(tokenizer, _render(tokenizer, question, system))
+    return _encode(tokenizer, _render(tokenizer, question, system) + answer_prefix)
 
 
 def prompt_ids(tokenizer, user: str, system: str | None = DEFAULT_SYSTEM) -> list[int]:

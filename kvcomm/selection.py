@@ -94,13 +94,14 @@ class Ranking:
 
 
 @torch.no_grad()
-def attention_importance(lm: LoadedModel, samples: list[tuple[str, str]], progress: bool = False) -> torch.Tensor:
+def attention_importance(lm: LoadedModel, samples: list[tuple[str, str]], progress: bool = False,
+                         answer_prefix: str = "") -> torch.Tensor:
     """Ŝ_l averaged over (context, question) samples, sender KV in every layer."""
     from tqdm.auto import tqdm
 
     total = torch.zeros(lm.num_layers, dtype=torch.float64)
     for context, question in tqdm(samples, desc="calibrating", disable=not progress, unit="sample"):
-        split = split_prompt(lm.tokenizer, context, question)
+        split = split_prompt(lm.tokenizer, context, question, answer_prefix=answer_prefix)
         msg = send(lm, split.sender_ids)
         rec = ImportanceRecorder(lm.num_layers, context_len=msg.seq_len)
         prefill(lm, split.receiver_ids, [msg], recorder=rec)
@@ -116,10 +117,11 @@ def calibrate(
     sigma: float = 10.0,
     task: str = "",
     progress: bool = False,
+    answer_prefix: str = "",
 ) -> Ranking:
     if not samples:
         raise ValueError("calibration needs at least one (context, question) sample")
-    raw = attention_importance(lm, samples, progress)
+    raw = attention_importance(lm, samples, progress, answer_prefix)
     alpha = default_alpha(lm.config.model_type) if alpha is None else alpha
     return Ranking(raw.tolist(), alpha, lm.num_layers / 2 if mu is None else mu, sigma, len(samples), lm.name, task)
 

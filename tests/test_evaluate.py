@@ -37,10 +37,42 @@ def test_user_jsonl_end_to_end_and_resume(tmp_path):
     assert "| kvcomm@0.5 |" in table and "fixture" in table
 
 
+def test_every_method_runs_and_online_recalibration_pays_for_full_messages(tmp_path):
+    lm = make_tiny()
+    methods = ["baseline", "skyline", "nld", "cipher", "ac", "kvcomm", "kvcomm-online", "random", "contiguous"]
+    s = run_eval(lm, ["twohop", "countries"], methods, [0.5], limit=3, out=tmp_path, max_new_tokens=2, progress=False,
+                 recalibrate_every=2, summary_tokens=4)
+    rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert s["ran"] == len(rows) == 2 * 3 * 11
+    # interleaved: item 0 of both tasks comes before item 1 of either
+    assert [r["id"].rsplit("-", 1)[1] for r in rows[::11]] == ["0", "0", "1", "1", "2", "2"]
+    online = [r for r in rows if r["method"] == "kvcomm-online@0.5" and r["task"] == "twohop"]
+    static = [r for r in rows if r["method"] == "kvcomm@0.5" and r["task"] == "twohop"]
+    # queries 0 and 2 recalibrate (T = 2): they send all layers; query 1 sends only the selection
+    assert online[0]["bytes"] == online[2]["bytes"] == 2 * static[0]["bytes"] and online[1]["bytes"] == static[1]["bytes"]
+    for m in ("nld", "cipher", "ac-replace", "ac-mean", "ac-sum"):
+        assert s["table"][m]["twohop"]["n"] == 3 and s["table"][m]["twohop"]["sender_flops"] > 0
+
+
+def test_a_torn_last_line_is_dropped_and_recomputed(tmp_path):
+    lm = make_tiny()
+    run_eval(lm, ["twohop"], ["baseline", "skyline"], [0.5], limit=2, out=tmp_path, max_new_tokens=2, progress=False)
+    path = tmp_path / "results.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])  # killed mid-write
+    s = run_eval(lm, ["twohop"], ["baseline", "skyline"], [0.5], limit=2, out=tmp_path, max_new_tokens=2, progress=False)
+    assert s["ran"] == 1 and s["resumed"] == 3
+    def untimed(text):
+        return [{k: v for k, v in json.loads(x).items() if not k.endswith(("_ms", "_s"))} for x in text]
+
+    assert untimed(path.read_text().splitlines()) == untimed(lines)
+    assert not list(tmp_path.glob("*.partial"))
+
+
 @pytest.mark.parametrize(("argv", "needle"), [
     (["eval", "share", "--tasks", "nope"], "unknown task"),
     (["eval", "share", "--tasks", "/no/such.jsonl"], "does not exist"),
-    (["eval", "share", "--methods", "cipher"], "not yet implemented"),
+    (["eval", "share", "--methods", "telepathy"], "unknown method"),
     (["eval", "share", "--ratios", "2"], "--ratios"),
 ])
 def test_eval_cli_errors(argv, needle, capsys):

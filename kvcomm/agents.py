@@ -75,14 +75,16 @@ class MultiAgentRunner:
         final_seen = [(j, "current") for j in range(n_agents)]
         self.decider = AgentTemplate.build(tok, "decision", workload.decision_role, agent_body(final_seen, workload.instruction))
 
-    def run_item(self, item: Item) -> ItemResult:
+    def run_item(self, item: Item, request=None, commit: bool = True) -> ItemResult:
+        """One request: every agent call, then the decision agent. Its anchor-pool updates are staged and
+        committed when it finishes (`commit=False` leaves that to the caller, as `run_batch` does)."""
         tok = self.engine.lm.tokenizer
         start = time.perf_counter()
         question = Content(tok(item.question, add_special_tokens=False)["input_ids"])
         latest: dict[int, Content] = {}
         previous: dict[int, Content] = {}
         calls: list[CallResult] = []
-        request = object()
+        request = object() if request is None else request
         try:
             for r in range(self.rounds):
                 for k in range(self.n):
@@ -102,12 +104,36 @@ class MultiAgentRunner:
                 final_text = tok.decode(res.reply_ids, skip_special_tokens=True).strip()
             else:
                 final_text = tok.decode(latest[self.n - 1].ids, skip_special_tokens=True).strip()
-            self.engine.pool.commit(request)
+            if commit:
+                self.engine.pool.commit(request)
         except BaseException:
             self.engine.pool.discard(request)
             raise
         return ItemResult(item.id, final_text, self.workload.grade(item, final_text),
                           [_call_record(c, tok) for c in calls], time.perf_counter() - start)
+
+
+    def run_batch(self, items: list[Item], workers: int = 8) -> list[ItemResult]:
+        """Run `items` as concurrent requests on `workers` threads against one shared pool.
+
+        All requests of a batch match against the pool as it was when the batch started; their
+        updates are committed in item order once every request has finished. So the outputs do not
+        depend on thread timing: `workers=8` gives exactly what `workers=1` gives (a tested property).
+        If any request fails, the whole batch's updates are dropped and the first error is raised.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        requests = [object() for _ in items]
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            futures = [pool.submit(self.run_item, it, req, False) for it, req in zip(items, requests)]
+            errors = [f.exception() for f in futures]
+        if any(errors):
+            for req in requests:
+                self.engine.pool.discard(req)
+            raise next(e for e in errors if e)
+        for req in requests:
+            self.engine.pool.commit(req)
+        return [f.result() for f in futures]
 
 
 def _call_record(c: CallResult, tok) -> dict:

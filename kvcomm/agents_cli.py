@@ -13,19 +13,21 @@ from pathlib import Path
 
 
 def add_parser(sub, add_model_args, positive_int) -> None:
+    from .cli import _bounded
+
     p = sub.add_parser("agents", help="multi-agent workload in dense / prefix / reuse modes, side by side")
     add_model_args(p)
     p.add_argument("--workload", choices=["math", "coding", "retrieval"], default="math")
-    p.add_argument("--agents", type=positive_int, default=5, help="number of agents (default 5)")
+    p.add_argument("--agents", type=_bounded(int, 1, 16), default=5, help="number of agents (default 5)")
     p.add_argument("--topology", choices=["fully_connected", "chain", "star"], default="fully_connected")
     p.add_argument("--rounds", type=positive_int, default=1)
     p.add_argument("--mode", action="append", choices=["dense", "prefix", "reuse"],
                    help="execution mode; repeat to compare (default: dense and reuse)")
     p.add_argument("--limit", type=positive_int, default=10, help="workload items (default 10)")
-    p.add_argument("--warmup", type=int, default=2, help="items excluded from the after-warm-up reuse rate (default 2)")
+    p.add_argument("--warmup", type=_bounded(int, 0), default=2, help="items excluded from the after-warm-up reuse rate (default 2)")
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
-    p.add_argument("--gamma", type=float, default=0.3, help="entropy threshold γ (default 0.3)")
-    p.add_argument("--tau", type=float, default=0.01, help="softmax temperature of anchor distances (default 0.01)")
+    p.add_argument("--gamma", type=_bounded(float, 0.0, 1.0), default=0.3, help="entropy threshold γ (default 0.3)")
+    p.add_argument("--tau", type=_bounded(float, 0.0, lo_open=True), default=0.01, help="softmax temperature of anchor distances (default 0.01)")
     p.add_argument("--max-anchors", type=positive_int, default=20, help="anchors per placeholder V (default 20)")
     p.add_argument("--pool-bytes", type=positive_int, default=2 << 30, help="byte budget of the anchor pool")
     p.add_argument("--seed", type=int, default=0)
@@ -102,14 +104,12 @@ def cmd_agents(args) -> int:
     from rich.table import Table
 
     from .cli import _load
+    from .files import write_atomic
 
     lm = _load(args)
     report = run_modes(lm, args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "agents.json.partial"
-    tmp.write_text(json.dumps(report, indent=1, default=str))
-    tmp.replace(out / "agents.json")
+    write_atomic(out / "agents.json", json.dumps(report, indent=1, default=str))
     plot_ttft(report, out / "agents_ttft.png", args.warmup)
     table = Table(title=f"{args.workload}: {args.agents} agents, {args.topology}, {len(report['modes'][next(iter(report['modes']))]['items'])} items")
     for col in ("mode", "accuracy", "reuse rate (after warm-up)", "agree w/ dense (final / calls)", "tokens prefilled",

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+PARTS = ("reuse", "sweep", "sharing")
 PRESETS = {
     # name: (config, agents, prefix, user, reply, sweep prefixes, sweep outputs, sharing contexts)
     "gpu": ("llama-3.1-8b.json", 5, 512, 1000, 512, (64, 128, 256, 512, 1024), (128, 256, 512, 1024), (1024, 4096, 16384)),
@@ -274,41 +275,76 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _resumable(path: Path, key: dict, fresh: bool, console) -> dict:
+    """The finished parts of an earlier run of the same benchmark (same key), or {} to start over."""
+    if fresh or not path.exists():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:
+        console.print(f"[yellow]{path} is unreadable; starting over[/yellow]")
+        return {}
+    if old.get("key") != key:
+        console.print(f"[yellow]{path} is from different settings ({old.get('key')}); starting over[/yellow]")
+        return {}
+    done = [p for p in PARTS if p in old]
+    console.print(f"[dim]resuming {path}: {', '.join(done) or 'nothing'} already done"
+                  + (f" ({len(old.get('sweep', []))} sweep points)" if "sweep" in old else "") + "[/dim]")
+    return old
+
+
 def run_bench(preset: str, out: Path, device: str | None = None, repeats: int = 5, anchors: int = 4,
-              sweep: bool = True, parts=("reuse", "sweep", "sharing")) -> dict:
+              sweep: bool = True, parts=PARTS, fresh: bool = False) -> dict:
+    """Run the chosen parts; bench.json is rewritten atomically after every part and sweep point, and a
+    re-run with the same settings and --out skips what is already there (`fresh` starts over)."""
     from rich.console import Console
+
+    from .files import write_atomic
 
     console = Console(stderr=True)
     cfg, n_agents, prefix, user, reply, sweep_prefix, sweep_out, contexts = PRESETS[preset]
     with console.status("building the random-weight model …"):
         lm = random_model(preset, device)
-    report = {"preset": {"name": preset, "agents": n_agents, "prefix": prefix, "user": user, "reply": reply},
-              "env": environment(lm)}
+    env = environment(lm)
+    key = {"preset": preset, "repeats": repeats, "anchors": anchors, "device": env["device"], "dtype": env["dtype"]}
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "bench.json"
+    report = _resumable(path, key, fresh, console)
+    report.update({"key": key, "preset": {"name": preset, "agents": n_agents, "prefix": prefix, "user": user,
+                                          "reply": reply}, "env": env})
     console.print(f"[dim]{report['env']}[/dim]")
-    if "reuse" in parts:
+
+    def save():
+        write_atomic(path, json.dumps(report, indent=1))
+
+    if "reuse" in parts and "reuse" not in report:
         with console.status("reuse: dense / prefix / reuse …"):
             report["reuse"] = bench_reuse(lm, n_agents, prefix, user, reply, anchors, repeats)
+        save()
+    if "reuse" in report:
         _print_reuse(console, report["reuse"])
     if "sweep" in parts and sweep:
-        report["sweep"] = []
+        done = {(r["prefix"], r["output"]) for r in report.setdefault("sweep", [])}
         for p in sweep_prefix:
             for o in sweep_out:
+                if (p, o) in done:
+                    continue
                 with console.status(f"sweep: prefix {p}, output {o} …"):
                     r = bench_reuse(lm, 3, p, user, o, anchors=2, repeats=max(2, repeats // 2))
                 report["sweep"].append({"prefix": p, "output": o, "agent3_dense_ms": r["dense"]["per_agent"][2]["ttft_ms"],
                                         "agent3_prefix_ms": r["prefix"]["per_agent"][2]["ttft_ms"],
                                         "agent3_reuse_ms": r["reuse"]["per_agent"][2]["ttft_ms"],
                                         "agent3_speedup": r["reuse"]["per_agent"][2]["speedup_vs_dense"]})
+                save()
         console.print("sweep (agent 3 speedup of reuse over dense): " +
                       ", ".join(f"p{r['prefix']}/o{r['output']}: {r['agent3_speedup']:.2f}x" for r in report["sweep"]))
-    if "sharing" in parts:
+    if "sharing" in parts and "sharing" not in report:
         with console.status("sharing: KVComm vs Skyline vs NLD …"):
             report["sharing"] = bench_sharing(lm, contexts, repeats=repeats)
+        save()
+    if "sharing" in report:
         _print_sharing(console, report["sharing"])
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "bench.json.partial"
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(out / "bench.json")
+    save()
     if "reuse" in report and "sharing" in report:
         plot(report, out / "bench.png")
     return report
@@ -347,6 +383,16 @@ def _print_sharing(console, sharing: dict) -> None:
     console.print(t)
 
 
+def _parts(value: str) -> tuple[str, ...]:
+    import argparse
+
+    parts = tuple(x.strip() for x in value.split(",") if x.strip())
+    bad = [x for x in parts if x not in PARTS]
+    if bad or not parts:
+        raise argparse.ArgumentTypeError(f"unknown part(s) {bad or value!r}; choose from {', '.join(PARTS)}")
+    return parts
+
+
 def add_parser(sub, add_model_args, positive_int) -> None:
     p = sub.add_parser("bench", help="TTFT and bytes: dense vs prefix caching vs KV reuse, KVComm vs Skyline vs NLD")
     p.add_argument("--preset", choices=sorted(PRESETS), default="gpu" if torch.cuda.is_available() else "cpu",
@@ -354,8 +400,9 @@ def add_parser(sub, add_model_args, positive_int) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--repeats", type=positive_int, default=5, help="measured requests per setting (median reported)")
     p.add_argument("--anchors", type=positive_int, default=4, help="anchors per placeholder in the pool while timing")
-    p.add_argument("--parts", default="reuse,sweep,sharing", help="comma list of reuse, sweep, sharing")
+    p.add_argument("--parts", type=_parts, default="reuse,sweep,sharing", help="comma list of reuse, sweep, sharing")
     p.add_argument("--out", default="benchmarks/results/local", help="folder for bench.json and bench.png")
+    p.add_argument("--fresh", action="store_true", help="ignore finished parts in --out and run everything again")
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of one reuse call and one receiver prefill")
     p.set_defaults(func=cmd_bench)
 
@@ -364,8 +411,7 @@ def cmd_bench(args) -> int:
     if args.profile:
         print(profile_calls(args.preset, Path(args.out), args.device))
         return 0
-    parts = tuple(x.strip() for x in args.parts.split(",") if x.strip())
-    run_bench(args.preset, Path(args.out), args.device, args.repeats, args.anchors, parts=parts)
+    run_bench(args.preset, Path(args.out), args.device, args.repeats, args.anchors, parts=args.parts, fresh=args.fresh)
     print(f"wrote {Path(args.out) / 'bench.json'}")
     return 0
 

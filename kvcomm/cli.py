@@ -17,6 +17,13 @@ from .errors import KVCommError
 EXIT_USER_ERROR = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the flag and where to read more (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _console(stderr: bool = False):
     from rich.console import Console
 
@@ -41,6 +48,23 @@ def _ratio(value: str) -> float:
     if not 0 < r <= 1:
         raise argparse.ArgumentTypeError(f"ratio must be in (0, 1], got {r}")
     return r
+
+
+def _bounded(kind, lo=None, hi=None, lo_open=False):
+    """An argparse type: `kind(value)` within [lo, hi] (lo excluded with `lo_open`), with a clear message."""
+
+    def parse(value: str):
+        try:
+            x = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {value!r}") from None
+        if (lo is not None and (x < lo or (lo_open and x == lo))) or (hi is not None and x > hi):
+            left = "(" if lo_open else "["
+            raise argparse.ArgumentTypeError(f"must be in {left}{lo if lo is not None else '-inf'}, "
+                                             f"{hi if hi is not None else 'inf'}], got {x}")
+        return x
+
+    return parse
 
 
 def _positive_int(value: str) -> int:
@@ -230,7 +254,7 @@ DEMO_QUESTION = "Which country is Uma located in?"
 def build_parser() -> argparse.ArgumentParser:
     from .message import DEFAULT_MAX_BYTES
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="kvcomm",
         description="LLM agents that talk through their KV caches. 'kvcomm demo' shows selective KV sharing on the embedded model.",
     )

@@ -31,6 +31,7 @@ from pathlib import Path
 from . import baselines
 from .bench import prefill_flops
 from .datasets import read_jsonl
+from .files import write_atomic
 from .metrics import exact_match, match, rouge_l_recall, token_f1
 from .prompts import baseline_ids, split_prompt
 from .selection import Ranking, calibrate, contiguous_layers, random_layers
@@ -181,12 +182,6 @@ def read_results(path: Path) -> dict:
         with open(path, "r+b") as f:
             f.truncate(good)
     return done
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def run_eval(lm, tasks: list[str], methods: list[str], ratios: list[float], limit: int, out: Path, seed: int = 0,

@@ -225,10 +225,9 @@ def save_message(msg: KVMessage, path: str | Path) -> int:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
         return len(data)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    from .files import write_atomic
+
+    write_atomic(path, data)
     return len(data)
 
 

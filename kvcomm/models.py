@@ -39,7 +39,15 @@ def cache_dir() -> Path:
 
 def pick_device(device: str | None = None) -> torch.device:
     if device and device != "auto":
-        return torch.device(device)
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise ModelLoadError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:<index>") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ModelLoadError(f"device {device!r} asked for but no CUDA GPU is visible; use --device cpu")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"device {device!r} does not exist: {torch.cuda.device_count()} GPU(s) visible")
+        return dev
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -166,9 +174,9 @@ def load_model(
 
     attention.register()
     start = time.perf_counter()
-    source = resolve_source(spec, progress)
-    dev = pick_device(device)
+    dev = pick_device(device)  # bad --device/--dtype fail before any slow conversion or download
     dt = pick_dtype(dev, dtype)
+    source = resolve_source(spec, progress)
     offline = isinstance(source, Path)
     if not progress:
         hf_logging.disable_progress_bar()

@@ -24,6 +24,7 @@ import torch
 
 from .attention import ImportanceRecorder
 from .errors import DataError
+from .files import write_atomic
 from .fingerprint import fingerprint
 from .models import LoadedModel, cache_dir
 from .prompts import split_prompt
@@ -78,11 +79,7 @@ class Ranking:
         return sorted(torch.argsort(self.combined(), descending=True, stable=True)[:m].tolist())
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".partial")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        tmp.replace(path)
+        write_atomic(path, json.dumps(asdict(self), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> Ranking:

@@ -13,7 +13,8 @@ request's updates when the item finishes.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+import uuid
+from dataclasses import dataclass, field, fields
 
 from .reuse import CallResult, Content, ReuseEngine
 from .templates import AgentTemplate
@@ -84,7 +85,7 @@ class MultiAgentRunner:
         latest: dict[int, Content] = {}
         previous: dict[int, Content] = {}
         calls: list[CallResult] = []
-        request = object() if request is None else request
+        request = uuid.uuid4().hex if request is None else request  # a string: it may cross to a Ray pool actor
         try:
             for r in range(self.rounds):
                 for k in range(self.n):
@@ -123,7 +124,7 @@ class MultiAgentRunner:
         """
         from concurrent.futures import ThreadPoolExecutor
 
-        requests = [object() for _ in items]
+        requests = [uuid.uuid4().hex for _ in items]
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             futures = [pool.submit(self.run_item, it, req, False) for it, req in zip(items, requests)]
             errors = [f.exception() for f in futures]
@@ -137,8 +138,7 @@ class MultiAgentRunner:
 
 
 def _call_record(c: CallResult, tok) -> dict:
-    d = asdict(c)
-    d.pop("reply")
+    d = {f.name: getattr(c, f.name) for f in fields(c) if f.name != "reply"}  # the reply's KV stays out
     d["reply_text"] = tok.decode(c.reply_ids, skip_special_tokens=True)
     d["ttft_ms"] = round(d.pop("ttft_s") * 1e3, 3)
     d["total_ms"] = round(d.pop("total_s") * 1e3, 3)

@@ -31,28 +31,70 @@ def add_parser(sub, add_model_args, positive_int) -> None:
     p.add_argument("--max-anchors", type=positive_int, default=20, help="anchors per placeholder V (default 20)")
     p.add_argument("--pool-bytes", type=positive_int, default=2 << 30, help="byte budget of the anchor pool")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--concurrency", type=positive_int, default=1,
+                   help="requests run at once (batches share one pool snapshot; outputs do not depend on it)")
+    p.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="local: one process; ray: one Ray actor per agent plus a pool actor")
+    p.add_argument("--address", help="Ray cluster address (default: start a local cluster)")
+    p.add_argument("--gpus-per-agent", type=_bounded(float, 0.0), default=None,
+                   help="GPUs per agent actor (default: 1/agents when CUDA is visible, else 0)")
+    p.add_argument("--cpus-per-agent", type=_bounded(float, 0.0), default=0.0,
+                   help="CPUs reserved per agent actor (default 0, so N agents fit on a small machine)")
     p.add_argument("--out", default="runs/agents", help="output folder for JSON and plot")
     p.set_defaults(func=cmd_agents)
 
 
+def _engine(lm, args, mode: str):
+    """A local ReuseEngine, or a RayEngine whose actors each load `args.model`."""
+    pool_kwargs = {"max_anchors": args.max_anchors, "byte_budget": args.pool_bytes, "gamma": args.gamma, "tau": args.tau}
+    if getattr(args, "backend", "local") == "ray":
+        import torch
+
+        from .ray_backend import RayEngine
+
+        gpus = args.gpus_per_agent
+        if gpus is None:
+            gpus = 1.0 / (args.agents + 1) if torch.cuda.is_available() else 0.0
+        return RayEngine(args.model, mode, args.max_new_tokens, pool_kwargs, address=args.address,
+                         device=None if args.device == "auto" else args.device, dtype=None if args.dtype == "auto" else args.dtype,
+                         cpus_per_agent=args.cpus_per_agent, gpus_per_agent=gpus)
+    from .anchors import AnchorPool
+    from .reuse import ReuseEngine
+
+    return ReuseEngine(lm, mode, pool=AnchorPool(**pool_kwargs), max_new_tokens=args.max_new_tokens)
+
+
 def run_modes(lm, args, progress: bool = True) -> dict:
+    """Every mode on the same items; `lm` may be None with the Ray backend (the actors load the model)."""
     from tqdm.auto import tqdm
 
     from .agents import MultiAgentRunner, reuse_rate
-    from .anchors import AnchorPool
-    from .reuse import ReuseEngine
     from .workloads import load_workload
 
     workload = load_workload(args.workload, args.limit, args.seed)
     modes = args.mode or ["dense", "reuse"]
+    backend = getattr(args, "backend", "local")
+    batch = getattr(args, "concurrency", 1)
     report: dict = {"workload": args.workload, "agents": args.agents, "topology": args.topology, "rounds": args.rounds,
-                    "items": len(workload.items), "model": lm.name, "device": str(lm.device),
-                    "gamma": args.gamma, "tau": args.tau, "max_new_tokens": args.max_new_tokens, "modes": {}}
+                    "items": len(workload.items), "model": lm.name if lm else args.model,
+                    "device": str(lm.device) if lm else f"ray actors ({args.device})", "backend": backend,
+                    "concurrency": batch, "gamma": args.gamma, "tau": args.tau, "max_new_tokens": args.max_new_tokens,
+                    "modes": {}}
     for mode in modes:
-        pool = AnchorPool(max_anchors=args.max_anchors, byte_budget=args.pool_bytes, gamma=args.gamma, tau=args.tau)
-        engine = ReuseEngine(lm, mode, pool=pool, max_new_tokens=args.max_new_tokens)
+        engine = _engine(lm, args, mode)
         runner = MultiAgentRunner(engine, workload, args.agents, args.topology, args.rounds)
-        results = [runner.run_item(item) for item in tqdm(workload.items, desc=f"{args.workload}/{mode}", disable=not progress)]
+        if backend == "ray":  # start every actor (and load its model) before anything is timed
+            engine.start(sorted({t.agent_id for t in runner.templates.values()} | {runner.decider.agent_id}))
+        results = []
+        bar = tqdm(total=len(workload.items), desc=f"{args.workload}/{mode}", disable=not progress)
+        for start in range(0, len(workload.items), batch):
+            chunk = workload.items[start : start + batch]
+            results += runner.run_batch(chunk, workers=batch) if batch > 1 else [runner.run_item(chunk[0])]
+            bar.update(len(chunk))
+        bar.close()
+        stats = engine.pool.stats() if mode == "reuse" else None
+        if backend == "ray":
+            engine.shutdown()
         calls = [c for r in results for c in r.calls]
         report["modes"][mode] = {
             "accuracy": sum(r.correct for r in results) / len(results),
@@ -60,7 +102,7 @@ def run_modes(lm, args, progress: bool = True) -> dict:
             "reuse_rate_after_warmup": reuse_rate(results, args.warmup),
             "prefilled_tokens": sum(c["prefilled_tokens"] for c in calls),
             "prompt_tokens": sum(c["prompt_tokens"] for c in calls),
-            "pool": pool.stats().__dict__ if mode == "reuse" else None,
+            "pool": stats if isinstance(stats, dict) or stats is None else stats.__dict__,
             "items": [r.__dict__ for r in results],
         }
     if "dense" in report["modes"]:
@@ -106,7 +148,7 @@ def cmd_agents(args) -> int:
     from .cli import _load
     from .files import write_atomic
 
-    lm = _load(args)
+    lm = None if args.backend == "ray" else _load(args)
     report = run_modes(lm, args)
     out = Path(args.out)
     write_atomic(out / "agents.json", json.dumps(report, indent=1, default=str))

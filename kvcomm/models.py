@@ -155,6 +155,20 @@ def resolve_source(spec: str | None, progress: bool = True) -> Path | str:
     raise ModelLoadError(f"unknown model {spec!r}; pass 'embedded', a .gguf file, a model directory or a hub id")
 
 
+def load_tokenizer(spec: str | None = None):
+    """Only the tokenizer of a model spec (a driver that orchestrates remote agents needs no weights)."""
+    from transformers import AutoTokenizer
+
+    source = resolve_source(spec, progress=False)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(source), local_files_only=isinstance(source, Path))
+    except OSError as e:
+        raise ModelLoadError(f"could not load the tokenizer of {spec!r}: {str(e).splitlines()[0]}") from e
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def load_model(
     spec: str | None = None,
     device: str | None = None,

@@ -36,10 +36,14 @@ MODES = ("dense", "prefix", "reuse")
 
 @dataclass
 class Content:
-    """A placeholder's content: token ids and, when its producer has it, its base KV."""
+    """A placeholder's content: token ids and, when its producer has it, its base KV.
+
+    `remote` is where the base KV lives when it is not in this process (the Ray backend keeps an
+    object reference to message bytes there); the local engine ignores it."""
 
     ids: list[int]
     base: KVBlock | None = None
+    remote: object | None = None
 
 
 @dataclass

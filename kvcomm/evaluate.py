@@ -227,6 +227,23 @@ def run_eval(lm, tasks: list[str], methods: list[str], ratios: list[float], limi
     return summary
 
 
+def report(out: Path, tasks: list[str], names: list[str]) -> dict:
+    """Summary, table and plot from `results.jsonl` as it stands (a partial run included), no model needed."""
+    from .errors import DataError
+
+    rows = list(read_results(out / "results.jsonl").values())
+    if not rows:
+        raise DataError(f"{out / 'results.jsonl'} holds no finished results yet; run without --report-only first")
+    summary = summarise(rows, tasks, names)
+    rankings = {t: Ranking.load(out / "rankings" / f"{Path(t).stem}.json").raw for t in tasks
+                if (out / "rankings" / f"{Path(t).stem}.json").exists()}
+    summary.update({"rows": len(rows), "partial": True, "rankings": rankings})
+    write_atomic(out / "summary.json", json.dumps(summary, indent=1))
+    write_atomic(out / "table.md", markdown_table(summary))
+    plot(summary, out)
+    return summary
+
+
 def summarise(rows: list[dict], tasks: list[str], names: list[str]) -> dict:
     table: dict = {}
     for m in names:
@@ -325,6 +342,8 @@ def add_parser(sub, add_model_args, positive_int) -> None:
     p.add_argument("--summary-tokens", type=positive_int, default=48, help="NLD/CIPHER message length (default 48)")
     p.add_argument("--ac-layer", type=int, default=None, help="AC layer k = j (default round(26/32 · layers))")
     p.add_argument("--out", default="runs/eval", help="output folder (re-running resumes)")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite summary.json, table.md and eval.png from the results so far; run nothing")
     p.set_defaults(func=cmd_eval)
 
 
@@ -343,6 +362,11 @@ def cmd_eval(args) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     for t in tasks:
         load_items(t, 1, args.seed)  # fail fast on a bad task name or JSONL file, before loading the model
+    if args.report_only:
+        summary = report(Path(args.out), tasks, method_names(methods, ratios))
+        print(markdown_table(summary))
+        print(f"wrote {args.out}/summary.json, table.md, eval.png from {summary['rows']} finished item-methods")
+        return 0
     lm = _load(args)
     if args.ac_layer is not None and not 0 <= args.ac_layer < lm.num_layers:
         raise DataError(f"--ac-layer must be in 0..{lm.num_layers - 1} for {lm.name}, got {args.ac_layer}")

@@ -35,6 +35,14 @@ def test_user_jsonl_end_to_end_and_resume(tmp_path):
         assert (tmp_path / f).exists(), f
     table = (tmp_path / "table.md").read_text()
     assert "| kvcomm@0.5 |" in table and "fixture" in table
+    # the report of a partial run needs no model and counts only what finished
+    (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:10]) + "\n")
+    (tmp_path / "table.md").unlink()
+    args = ["eval", "share", "--tasks", f"{FIXTURE},twohop", "--methods", ",".join(methods), "--ratios", "0.25,0.5",
+            "--out", str(tmp_path), "--report-only"]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["rows"] == 10 and summary["partial"] and (tmp_path / "table.md").exists()
 
 
 def test_every_method_runs_and_online_recalibration_pays_for_full_messages(tmp_path):

@@ -113,7 +113,6 @@ class MultiAgentRunner:
         return ItemResult(item.id, final_text, self.workload.grade(item, final_text),
                           [_call_record(c, tok) for c in calls], time.perf_counter() - start)
 
-
     def run_batch(self, items: list[Item], workers: int = 8) -> list[ItemResult]:
         """Run `items` as concurrent requests on `workers` threads against one shared pool.
 

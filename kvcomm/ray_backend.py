@@ -19,7 +19,9 @@ Faults:
 - an agent actor that dies is restarted by Ray (`max_restarts`) and the in-flight call is retried
   (`max_task_retries`). The actor reloads the model; its cached template KV is recomputed. A retried
   call may stage its anchor updates twice; staging is idempotent per (placeholder, content, agent), so
-  the pool ends the same. Greedy decoding is deterministic, so the answers are the same.
+  the pool's contents end the same. Greedy decoding is deterministic, so the answers are the same.
+  (One thing a retry can change: the interrupted attempt's matches also count as anchor uses, which
+  only matters later if the pool fills up and evicts by least use.)
 - if the pool actor is lost, `RemotePool` answers every match with "no anchor" and drops updates:
   calls fall back to dense prefill (always correct), never to reuse with missing offsets.
 

@@ -57,7 +57,7 @@ def kvcomm_attention(module, query, key, value, attention_mask, scaling=None, **
                 f"kvcomm: mask covers {attention_mask.shape[-1]} keys but layer {module.layer_idx} holds "
                 f"{key.shape[-2]}; build the mask for the longest layer"
             )
-        attention_mask = attention_mask[..., -key.shape[-2] :]
+        attention_mask = realign(attention_mask[..., -key.shape[-2] :])
     if recorder is not None:
         recorder.add(module.layer_idx, query, key, attention_mask, scaling if scaling is not None else query.shape[-1] ** -0.5)
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
@@ -76,13 +76,43 @@ def register() -> None:
     _registered = True
 
 
+_ALIGN = 16  # elements; SDPA's memory-efficient CUDA kernel reads mask rows with vector loads
+
+
+def mask_zeros(rows: int, cols: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """A zero additive mask [1, 1, rows, cols] whose rows start on aligned addresses.
+
+    The row stride is padded to a multiple of 16 elements and the view sliced back, as the
+    memory-efficient SDPA kernel wants; without it PyTorch pads a copy on every layer call."""
+    return torch.zeros(1, 1, rows, cols + (-cols % _ALIGN), dtype=dtype, device=device)[..., :cols]
+
+
+def realign(mask: torch.Tensor) -> torch.Tensor:
+    """A right-aligned slice of a mask, copied to aligned memory where the slice is not.
+
+    Slicing the last `key_len` columns moves the data pointer by a column count that is rarely a
+    multiple of 16; with fp32 on CUDA the memory-efficient kernel then fails with "CUDA error:
+    misaligned address" (seen on an H100, torch 2.11). CPU kernels do not care, so CPU skips the copy."""
+    if mask.device.type == "cpu" or (mask.data_ptr() % (_ALIGN * mask.element_size()) == 0
+                                     and mask.stride(-2) % _ALIGN == 0):
+        return mask
+    return aligned_copy(mask)
+
+
+def aligned_copy(mask: torch.Tensor) -> torch.Tensor:
+    """`mask`'s values in fresh memory with a row stride padded to a multiple of 16 elements."""
+    cols = mask.shape[-1]
+    out = mask.new_zeros(*mask.shape[:-1], cols + (-cols % _ALIGN))[..., :cols]
+    return out.copy_(mask)
+
+
 def causal_mask(num_prefix: int, num_past: int, num_new: int, dtype: torch.dtype, device) -> torch.Tensor:
     """Additive 4-D mask [1, 1, num_new, num_prefix + num_past + num_new].
 
     New tokens see every prefix (sender) column and every past column, and each other causally.
     """
     total = num_prefix + num_past + num_new
-    mask = torch.zeros(1, 1, num_new, total, dtype=dtype, device=device)
+    mask = mask_zeros(num_new, total, dtype, device)
     if num_new > 1:
         upper = torch.triu(torch.ones(num_new, num_new, dtype=torch.bool, device=device), diagonal=1)
         mask[0, 0, :, total - num_new :].masked_fill_(upper, torch.finfo(dtype).min)

@@ -186,7 +186,12 @@ def read_results(path: Path) -> dict:
 
 def run_eval(lm, tasks: list[str], methods: list[str], ratios: list[float], limit: int, out: Path, seed: int = 0,
              max_new_tokens: int = 12, progress: bool = True, answer_prefix: str = ANSWER_PREFIX,
-             recalibrate_every: int = 50, summary_tokens: int = 48, ac_layer: int | None = None) -> dict:
+             recalibrate_every: int = 50, summary_tokens: int = 48, ac_layer: int | None = None,
+             shard: tuple[int, int] = (0, 1)) -> dict:
+    """Run every (item, method) not yet in `out`/results.jsonl. `shard=(k, n)` runs only items whose
+    index is k mod n, so n processes (or machines) can split a run; each result depends on its item
+    alone (online recalibration reads fixed earlier items, not earlier results), so the rows of the
+    shards, concatenated, are the rows of one whole run."""
     from tqdm.auto import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
@@ -203,7 +208,7 @@ def run_eval(lm, tasks: list[str], methods: list[str], ratios: list[float], limi
     # Item i of every task before item i + 1 of any: an interrupted run still gives a balanced table.
     todo = [(item, m) for i in range(max(map(len, per_task.values()), default=0))
             for task in tasks if i < len(per_task[task]) for item in [per_task[task][i]]
-            for m in names if (task, item["id"], m) not in done]
+            for m in names if (task, item["id"], m) not in done and i % shard[1] == shard[0]]
     skipped = len(done)
     state = None
     with open(results_path, "a") as f:
@@ -342,9 +347,25 @@ def add_parser(sub, add_model_args, positive_int) -> None:
     p.add_argument("--summary-tokens", type=positive_int, default=48, help="NLD/CIPHER message length (default 48)")
     p.add_argument("--ac-layer", type=int, default=None, help="AC layer k = j (default round(26/32 · layers))")
     p.add_argument("--out", default="runs/eval", help="output folder (re-running resumes)")
+    p.add_argument("--shard", type=_shard, default=(0, 1), metavar="K/N",
+                   help="run only items whose index is K mod N (0 <= K < N), to split a run over N processes "
+                        "with separate --out folders; concatenate their results.jsonl and --report-only")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite summary.json, table.md and eval.png from the results so far; run nothing")
     p.set_defaults(func=cmd_eval)
+
+
+def _shard(text: str) -> tuple[int, int]:
+    import argparse
+
+    k, _, n = text.partition("/")
+    try:
+        k, n = int(k), int(n)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K/N such as 0/4, got {text!r}") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"K/N needs 0 <= K < N, got {text!r}")
+    return k, n
 
 
 def cmd_eval(args) -> int:
@@ -372,7 +393,7 @@ def cmd_eval(args) -> int:
         raise DataError(f"--ac-layer must be in 0..{lm.num_layers - 1} for {lm.name}, got {args.ac_layer}")
     summary = run_eval(lm, tasks, methods, ratios, args.limit, Path(args.out), args.seed, args.max_new_tokens,
                        answer_prefix=args.answer_prefix, recalibrate_every=args.recalibrate_every,
-                       summary_tokens=args.summary_tokens, ac_layer=args.ac_layer)
+                       summary_tokens=args.summary_tokens, ac_layer=args.ac_layer, shard=args.shard)
     print(markdown_table(summary))
     print(f"ran {summary['ran']} item-methods, resumed {summary['resumed']}; wrote {args.out}/summary.json, table.md, eval.png")
     return 0

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .attention import mask_zeros
+
 
 def sync(device: torch.device) -> None:
     """Wait for queued GPU work, so wall-clock timings measure it (no-op on CPU)."""
@@ -58,7 +60,7 @@ def greedy_continue(lm, cache, next_logits: torch.Tensor, length: int, max_new_t
         step = lm.model(
             input_ids=next_id.view(1, 1), past_key_values=cache, use_cache=True,
             position_ids=torch.tensor([[length]], device=lm.device),
-            attention_mask=torch.zeros(1, 1, 1, length + 1, dtype=lm.dtype, device=lm.device) if ragged else None,
+            attention_mask=mask_zeros(1, length + 1, lm.dtype, lm.device) if ragged else None,
         )
         length += 1
         next_id = step.logits[0, -1].argmax()

@@ -77,6 +77,22 @@ def test_a_torn_last_line_is_dropped_and_recomputed(tmp_path):
     assert not list(tmp_path.glob("*.partial"))
 
 
+def test_shards_concatenated_equal_one_run(tmp_path):
+    lm = make_tiny()
+    kw = dict(methods=["baseline", "kvcomm", "kvcomm-online"], ratios=[0.5], limit=3, max_new_tokens=2,
+              progress=False, recalibrate_every=2)
+    run_eval(lm, ["twohop"], out=tmp_path / "whole", **kw)
+    for k in range(2):
+        run_eval(lm, ["twohop"], out=tmp_path / f"s{k}", shard=(k, 2), **kw)
+
+    def untimed(folder):
+        rows = [json.loads(x) for x in (tmp_path / folder / "results.jsonl").read_text().splitlines()]
+        return sorted(tuple(sorted((k, str(v)) for k, v in r.items() if not k.endswith(("_ms", "_s")))) for r in rows)
+
+    assert len(untimed("s0")) == 2 * 3 and len(untimed("s1")) == 3
+    assert untimed("whole") == sorted(untimed("s0") + untimed("s1"))
+
+
 @pytest.mark.parametrize(("argv", "needle"), [
     (["eval", "share", "--tasks", "nope"], "unknown task"),
     (["eval", "share", "--tasks", "/no/such.jsonl"], "does not exist"),

@@ -65,6 +65,8 @@ def test_interrupted_benchmark_resumes_without_redoing_finished_points(tmp_path,
     (["eval", "share", "--ratios", "0.5,2"], "--ratios"),
     (["eval", "share", "--tasks", "needle:abc"], "needle length"),
     (["eval", "share", "--tasks", "poems"], "unknown task"),
+    (["eval", "share", "--shard", "2/2"], "0 <= K < N"),
+    (["eval", "share", "--shard", "half"], "expected K/N"),
     (["frobnicate"], "invalid choice"),
     (["share", "--question", "q"], "required: --context"),
 ])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import make_tiny, rand_ids
 
-from kvcomm.attention import causal_mask
+from kvcomm.attention import aligned_copy, causal_mask, mask_zeros
 from kvcomm.rope import rerotate
 from kvcomm.sharing import build_prefix_cache, generate, prefill, send
 
@@ -150,3 +150,13 @@ def test_bf16_sender_fp32_receiver():
     logits = prefill(lm, q, [msg], all_logits=True)[0][0]
     ref = dense_logits(lm, ctx + q)[len(ctx):]
     assert (logits - ref).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("cols", [1, 15, 16, 17, 101])
+def test_masks_have_aligned_rows(cols):
+    """CUDA's memory-efficient SDPA faults on mask rows that start misaligned (fp32, H100)."""
+    mask = causal_mask(3, 0, 4, torch.float32, "cpu")
+    assert mask.stride(-2) % 16 == 0 and mask_zeros(2, cols, torch.float32, "cpu").stride(-2) % 16 == 0
+    sliced = causal_mask(cols, 0, 3, torch.float32, "cpu")[..., -5:]  # a right-aligned slice, as layers take
+    copy = aligned_copy(sliced)
+    assert torch.equal(copy, sliced) and copy.stride(-2) % 16 == 0 and copy.data_ptr() % 64 == 0

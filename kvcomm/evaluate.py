@@ -242,7 +242,11 @@ def report(out: Path, tasks: list[str], names: list[str]) -> dict:
     summary = summarise(rows, tasks, names)
     rankings = {t: Ranking.load(out / "rankings" / f"{Path(t).stem}.json").raw for t in tasks
                 if (out / "rankings" / f"{Path(t).stem}.json").exists()}
-    summary.update({"rows": len(rows), "partial": True, "rankings": rankings})
+    counts = [c["n"] for cells in summary["table"].values() for c in cells.values()]
+    complete = len(counts) == len(tasks) * len(names) and len(set(counts)) == 1
+    # the model, as the calibrations recorded it (a file path shortened to its name)
+    models = {Path(Ranking.load(out / "rankings" / f"{Path(t).stem}.json").model).name for t in rankings} - {""}
+    summary.update({"rows": len(rows), "partial": not complete, "rankings": rankings, "model": ", ".join(sorted(models))})
     write_atomic(out / "summary.json", json.dumps(summary, indent=1))
     write_atomic(out / "table.md", markdown_table(summary))
     plot(summary, out)
@@ -291,28 +295,38 @@ def plot(summary: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6), gridspec_kw={"width_ratios": [1.15, 1.15, 1]})
     tasks, table = summary["tasks"], summary["table"]
 
     def mean(m, key):
         vals = [table[m][t][key] for t in tasks if t in table[m]]
         return sum(vals) / len(vals) if vals else None
 
+    # One colour per method family in both panels; ratio methods that coincide (kvcomm and
+    # kvcomm-online often do) stay visible through different line styles and marker sizes.
+    colour = {m: f"C{i}" for i, m in enumerate(RATIO_METHODS + PLAIN_METHODS)}
+    style = {"kvcomm": ("-", 9), "kvcomm-online": ("--", 5), "random": ("-", 6), "contiguous": (":", 6)}
     for base in RATIO_METHODS:
-        pts = sorted((float(m.split("@")[1]), mean(m, "match")) for m in summary["methods"] if m.startswith(base + "@"))
+        pts = sorted((float(m.split("@")[1]), mean(m, "match")) for m in summary["methods"]
+                     if m.startswith(base + "@") and mean(m, "match") is not None)
         if pts:
-            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=base)
+            ls, ms = style.get(base, ("-", 6))
+            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], ls=ls, marker="o", ms=ms, color=colour[base], label=base)
     for i, m in enumerate(PLAIN_METHODS):
         if m in table and mean(m, "match") is not None:
-            axes[0].axhline(mean(m, "match"), ls=("--", ":", "-.")[i % 3], color=f"C{4 + i}", label=m, lw=1)
+            axes[0].axhline(mean(m, "match"), ls=("--", ":", "-.")[i % 3], color=colour[m], label=m, lw=1.2)
     axes[0].set(xlabel="share of layers sent", ylabel="match rate (mean over tasks)", title="accuracy vs layer ratio")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    markers = {0: "o", 1: "s", 2: "^", 3: "D"}
+    ratios = sorted({m.split("@")[1] for m in summary["methods"] if "@" in m}, key=float)
     for m in summary["methods"]:
         if mean(m, "bytes"):
-            axes[1].scatter(mean(m, "bytes"), mean(m, "match"), label=m)
+            base, _, r = m.partition("@")
+            axes[1].scatter(mean(m, "bytes"), mean(m, "match"), color=colour[base], label=m, s=36,
+                            marker=markers.get(ratios.index(r) if r else 3, "o"), alpha=0.85)
     axes[1].set(xscale="log", xlabel="bytes sent per item", ylabel="match rate", title="accuracy vs bytes")
     if axes[1].collections:
-        axes[1].legend(fontsize=7)
+        axes[1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0), ncol=1)
     for t, raw in summary.get("rankings", {}).items():
         axes[2].plot(range(len(raw)), raw, marker=".", label=Path(t).stem)
     axes[2].set(xlabel="layer", ylabel="attention importance Ŝ_l", title="per-layer importance (calibration)")

@@ -1,6 +1,7 @@
 """γ (or τ) sweep of cross-context KV reuse: reuse rate vs accuracy and agreement with dense, one run.
 
-Usage: python benchmarks/gamma_sweep.py [--workload math] [--limit 10] [--param gamma|tau] [--values 0.1,0.3,0.5,0.7]
+Usage: python benchmarks/gamma_sweep.py [--workload math] [--limit 10] [--param gamma|tau|sink_head]
+       [--values 0.1,0.3,0.5,0.7] [--no-sink-head]
 Dense runs once; each value runs reuse with a fresh anchor pool over the same items. Writes
 <param>_sweep.json and <param>_sweep.png. γ only acts where the anchor weights are spread out, which
 τ (the softmax temperature of the distances) decides; sweeping τ shows the other side of the trade-off.
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from kvcomm.agents_cli import run_modes
 from kvcomm.models import load_model
+from kvcomm.workloads import load_workload
 
 
 def main() -> None:
@@ -23,25 +25,31 @@ def main() -> None:
     ap.add_argument("--agents", type=int, default=5)
     ap.add_argument("--limit", type=int, default=10)
     ap.add_argument("--max-new-tokens", type=int, default=24)
-    ap.add_argument("--tau", type=float, default=0.01)
+    ap.add_argument("--tau", type=float, default=0.003)
     ap.add_argument("--gamma", type=float, default=0.3)
-    ap.add_argument("--param", choices=["gamma", "tau"], default="gamma")
+    ap.add_argument("--param", choices=["gamma", "tau", "sink_head"], default="gamma")
+    ap.add_argument("--no-sink-head", action="store_true", help="encode stand-alone contents alone (the paper's base KV)")
     ap.add_argument("--values", default="0.1,0.3,0.5,0.7")
     ap.add_argument("--out", default="results/gamma-sweep")
     args = ap.parse_args()
     lm = load_model(args.model)
     base = dict(workload=args.workload, agents=args.agents, topology="fully_connected", rounds=1, limit=args.limit,
                 warmup=2, max_new_tokens=args.max_new_tokens, max_anchors=20, pool_bytes=8 << 30, seed=0)
-    dense = run_modes(lm, argparse.Namespace(**base, gamma=args.gamma, tau=args.tau, mode=["dense"]))["modes"]["dense"]
+    dense = run_modes(lm, argparse.Namespace(**base, gamma=args.gamma, tau=args.tau, sink_head=True, mode=["dense"]))["modes"]["dense"]
+    wl = load_workload(args.workload, args.limit, 0)
     rows = []
     for g in [float(x) for x in args.values.split(",")]:
-        knobs = {"gamma": args.gamma, "tau": args.tau, args.param: g}
+        knobs = {"gamma": args.gamma, "tau": args.tau, "sink_head": not args.no_sink_head, args.param: g}
+        if args.param == "sink_head":
+            knobs["sink_head"] = bool(g)
         rep = run_modes(lm, argparse.Namespace(**base, **knobs, mode=["reuse"]))["modes"]["reuse"]
         pairs = list(zip(dense["items"], rep["items"]))
         calls = [(x, y) for a, b in pairs for x, y in zip(a["calls"], b["calls"])]
         rows.append({**knobs, "accuracy": rep["accuracy"], "dense_accuracy": dense["accuracy"],
                      "reuse_rate": rep["reuse_rate"], "reuse_rate_after_warmup": rep["reuse_rate_after_warmup"],
                      "final_agreement": sum(a["final"] == b["final"] for a, b in pairs) / len(pairs),
+                     "answer_agreement": sum(wl.answer_of(it, a["final"]) == wl.answer_of(it, b["final"])
+                                             for it, (a, b) in zip(wl.items, pairs)) / len(pairs),
                      "call_agreement": sum(x["reply_ids"] == y["reply_ids"] for x, y in calls) / len(calls),
                      "pool": rep["pool"]})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "pool"}), flush=True)
@@ -57,6 +65,7 @@ def main() -> None:
     gs = [r[args.param] for r in rows]
     ax.plot(gs, [r["reuse_rate"] for r in rows], marker="o", label="reuse rate")
     ax.plot(gs, [r["call_agreement"] for r in rows], marker="o", label="agent calls identical to dense")
+    ax.plot(gs, [r["answer_agreement"] for r in rows], marker="o", label="final answers equal to dense")
     ax.plot(gs, [r["accuracy"] for r in rows], marker="o", label="accuracy (reuse)")
     ax.axhline(rows[0]["dense_accuracy"], ls="--", color="gray", label="accuracy (dense)")
     ax.set(xlabel=args.param, ylabel="fraction", title=f"{args.param} sweep: {args.workload}, {args.agents} agents, {args.model}")

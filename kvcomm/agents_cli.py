@@ -7,6 +7,7 @@ table compares the modes on identical inputs in one process. Writes `agents.json
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 from pathlib import Path
@@ -27,7 +28,10 @@ def add_parser(sub, add_model_args, positive_int) -> None:
     p.add_argument("--warmup", type=_bounded(int, 0), default=2, help="items excluded from the after-warm-up reuse rate (default 2)")
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument("--gamma", type=_bounded(float, 0.0, 1.0), default=0.3, help="entropy threshold γ (default 0.3)")
-    p.add_argument("--tau", type=_bounded(float, 0.0, lo_open=True), default=0.01, help="softmax temperature of anchor distances (default 0.01)")
+    p.add_argument("--sink-head", action=argparse.BooleanOptionalAction, default=True,
+                   help="encode stand-alone contents (the question, tool results) after the chat template's "
+                        "agent-independent opening tokens (default); --no-sink-head encodes them alone, as the paper does")
+    p.add_argument("--tau", type=_bounded(float, 0.0, lo_open=True), default=0.003, help="softmax temperature of anchor distances (default 0.003)")
     p.add_argument("--max-anchors", type=positive_int, default=20, help="anchors per placeholder V (default 20)")
     p.add_argument("--pool-bytes", type=positive_int, default=2 << 30, help="byte budget of the anchor pool")
     p.add_argument("--seed", type=int, default=0)
@@ -57,11 +61,12 @@ def _engine(lm, args, mode: str):
             gpus = 1.0 / (args.agents + 1) if torch.cuda.is_available() else 0.0
         return RayEngine(args.model, mode, args.max_new_tokens, pool_kwargs, address=args.address,
                          device=None if args.device == "auto" else args.device, dtype=None if args.dtype == "auto" else args.dtype,
-                         cpus_per_agent=args.cpus_per_agent, gpus_per_agent=gpus)
+                         cpus_per_agent=args.cpus_per_agent, gpus_per_agent=gpus, sink_head=args.sink_head)
     from .anchors import AnchorPool
     from .reuse import ReuseEngine
 
-    return ReuseEngine(lm, mode, pool=AnchorPool(**pool_kwargs), max_new_tokens=args.max_new_tokens)
+    return ReuseEngine(lm, mode, pool=AnchorPool(**pool_kwargs), max_new_tokens=args.max_new_tokens,
+                       sink_head=args.sink_head)
 
 
 def run_modes(lm, args, progress: bool = True) -> dict:
@@ -78,7 +83,8 @@ def run_modes(lm, args, progress: bool = True) -> dict:
     report: dict = {"workload": args.workload, "agents": args.agents, "topology": args.topology, "rounds": args.rounds,
                     "items": len(workload.items), "model": lm.name if lm else args.model,
                     "device": str(lm.device) if lm else f"ray actors ({args.device})", "backend": backend,
-                    "concurrency": batch, "gamma": args.gamma, "tau": args.tau, "max_new_tokens": args.max_new_tokens,
+                    "concurrency": batch, "gamma": args.gamma, "tau": args.tau, "sink_head": args.sink_head,
+                    "max_new_tokens": args.max_new_tokens,
                     "modes": {}}
     for mode in modes:
         engine = _engine(lm, args, mode)
@@ -110,6 +116,9 @@ def run_modes(lm, args, progress: bool = True) -> dict:
         for m in report["modes"].values():
             pairs = list(zip(dense, m["items"]))
             m["final_agreement_with_dense"] = sum(a["final"] == b["final"] for a, b in pairs) / len(pairs)
+            m["answer_agreement_with_dense"] = sum(
+                workload.answer_of(it, a["final"]) == workload.answer_of(it, b["final"])
+                for it, (a, b) in zip(workload.items, pairs)) / len(pairs)
             call_pairs = [(x, y) for a, b in pairs for x, y in zip(a["calls"], b["calls"])]
             m["call_agreement_with_dense"] = sum(x["reply_ids"] == y["reply_ids"] for x, y in call_pairs) / len(call_pairs)
     return report

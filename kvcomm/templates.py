@@ -108,3 +108,22 @@ class AgentTemplate:
             spans.append((f"p{i}", len(ids), len(ids) + len(seg)))
             ids.extend(seg)
         return ids, spans
+
+
+def shared_head_ids(tokenizer) -> list[int]:
+    """The token ids every agent prompt starts with, whatever its role: the chat template's opening
+    (e.g. ``<|im_start|>system\n`` or ``<|begin_of_text|>…``); empty for a template-less tokenizer.
+
+    Reuse encodes stand-alone contents after these tokens (see `ReuseEngine.base_kv`): they are
+    agent-independent, and they give the content's tokens the attention sink they will have in every
+    real prompt, instead of making the content's own first token the sink."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    # roles of different first characters, so a merge of the template's last fixed token with the
+    # role's first one (BPE) shortens the head instead of making it role-specific
+    firsts = [AgentTemplate.build(tokenizer, "h", role, "{user_question}\nx").segment_ids[0]
+              for role in ("Alpha beta.", "zulu yankee", "9 lives", " (spaced)", "\u00e9t\u00e9", "-")]
+    n = 0
+    while all(n < len(f) for f in firsts) and len({f[n] for f in firsts}) == 1:
+        n += 1
+    return firsts[0][:n]

@@ -35,6 +35,14 @@ class Workload:
     def grade(self, item: Item, final_reply: str) -> bool:
         return GRADERS[self.name](item, final_reply)
 
+    def answer_of(self, item: Item, final_reply: str) -> str:
+        """What two runs must share to give "the same answer": the last integer for math (what is
+        graded), the graded outcome otherwise (a program's text may differ and still pass)."""
+        if self.name == "math":
+            nums = _INT.findall(final_reply.replace(",", ""))
+            return nums[-1] if nums else ""
+        return str(self.grade(item, final_reply))
+
 
 NAMES = ["Ann", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jia"]
 THINGS = ["apples", "books", "coins", "marbles", "pencils", "stamps", "shells", "cards"]

@@ -226,3 +226,33 @@ def test_sandbox_runs_code_isolated():
     assert slow.timed_out and not slow.passed
     hog = run_python("x = bytearray(4 << 30)\n", timeout=10)
     assert not hog.passed and "MemoryError" in hog.output
+
+
+def test_shared_head_is_the_chat_templates_agent_independent_opening():
+    from kvcomm.models import load_tokenizer
+    from kvcomm.templates import shared_head_ids
+
+    tok = load_tokenizer("embedded")
+    head = shared_head_ids(tok)
+    assert tok.decode(head) == "<|im_start|>system\n"
+    roles = ["Solve it.", "you check", "42 is the answer", "(critic)"]
+    assert all(AgentTemplate.build(tok, "a", r, "{user_question}\nx").segment_ids[0][: len(head)] == head for r in roles)
+    assert shared_head_ids(make_tiny().tokenizer) == []  # no chat template: no head
+
+
+def test_base_kv_is_encoded_after_the_head_and_moved_to_zero():
+    from kvcomm.reuse import cache_to_block, forward, move
+
+    lm = make_tiny()
+    q, head = rand_ids(6, 4), rand_ids(3, 5)
+    engine = ReuseEngine(lm, "reuse")
+    engine.head = head
+    base, prefilled = engine.base_kv(Content(q))
+    assert prefilled == len(head) + len(q) and base.n == len(q)
+    _, cache = forward(lm, head + q, logits=False)
+    real = cache_to_block(cache, len(head))
+    torch.testing.assert_close(move(lm, base, len(head)).k, real.k, atol=1e-5, rtol=1e-5)
+    assert torch.equal(base.v, real.v)
+    alone, n = ReuseEngine(lm, "reuse", sink_head=False).base_kv(Content(q))  # the paper's choice
+    _, cache0 = forward(lm, q, logits=False)
+    assert n == len(q) and torch.equal(alone.k, cache_to_block(cache0).k)

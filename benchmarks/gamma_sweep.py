@@ -1,7 +1,7 @@
 """γ (or τ) sweep of cross-context KV reuse: reuse rate vs accuracy and agreement with dense, one run.
 
-Usage: python benchmarks/gamma_sweep.py [--workload math] [--limit 10] [--param gamma|tau|sink_head]
-       [--values 0.1,0.3,0.5,0.7] [--no-sink-head]
+Usage: python benchmarks/gamma_sweep.py [--workload math] [--limit 10] [--param gamma|tau|sink_head|refresh_tail]
+       [--values 0.1,0.3,0.5,0.7] [--no-sink-head] [--refresh-tail]
 Dense runs once; each value runs reuse with a fresh anchor pool over the same items. Writes
 <param>_sweep.json and <param>_sweep.png. γ only acts where the anchor weights are spread out, which
 τ (the softmax temperature of the distances) decides; sweeping τ shows the other side of the trade-off.
@@ -27,8 +27,9 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--tau", type=float, default=0.003)
     ap.add_argument("--gamma", type=float, default=0.3)
-    ap.add_argument("--param", choices=["gamma", "tau", "sink_head"], default="gamma")
+    ap.add_argument("--param", choices=["gamma", "tau", "sink_head", "refresh_tail"], default="gamma")
     ap.add_argument("--no-sink-head", action="store_true", help="encode stand-alone contents alone (the paper's base KV)")
+    ap.add_argument("--refresh-tail", action="store_true", help="prefill the last template segment on the reuse path")
     ap.add_argument("--values", default="0.1,0.3,0.5,0.7")
     ap.add_argument("--out", default="results/gamma-sweep")
     args = ap.parse_args()
@@ -39,9 +40,10 @@ def main() -> None:
     wl = load_workload(args.workload, args.limit, 0)
     rows = []
     for g in [float(x) for x in args.values.split(",")]:
-        knobs = {"gamma": args.gamma, "tau": args.tau, "sink_head": not args.no_sink_head, args.param: g}
-        if args.param == "sink_head":
-            knobs["sink_head"] = bool(g)
+        knobs = {"gamma": args.gamma, "tau": args.tau, "sink_head": not args.no_sink_head,
+                 "refresh_tail": args.refresh_tail, args.param: g}
+        if args.param in ("sink_head", "refresh_tail"):
+            knobs[args.param] = bool(g)
         rep = run_modes(lm, argparse.Namespace(**base, **knobs, mode=["reuse"]))["modes"]["reuse"]
         pairs = list(zip(dense["items"], rep["items"]))
         calls = [(x, y) for a, b in pairs for x, y in zip(a["calls"], b["calls"])]

@@ -31,6 +31,9 @@ def add_parser(sub, add_model_args, positive_int) -> None:
     p.add_argument("--sink-head", action=argparse.BooleanOptionalAction, default=True,
                    help="encode stand-alone contents (the question, tool results) after the chat template's "
                         "agent-independent opening tokens (default); --no-sink-head encodes them alone, as the paper does")
+    p.add_argument("--refresh-tail", action=argparse.BooleanOptionalAction, default=False,
+                   help="on the reuse path, prefill the prompt's last template segment over the reused KV instead of "
+                        "estimating its offset (a few more tokens of prefill; not in the paper)")
     p.add_argument("--tau", type=_bounded(float, 0.0, lo_open=True), default=0.003, help="softmax temperature of anchor distances (default 0.003)")
     p.add_argument("--max-anchors", type=positive_int, default=20, help="anchors per placeholder V (default 20)")
     p.add_argument("--pool-bytes", type=positive_int, default=2 << 30, help="byte budget of the anchor pool")
@@ -61,12 +64,16 @@ def _engine(lm, args, mode: str):
             gpus = 1.0 / (args.agents + 1) if torch.cuda.is_available() else 0.0
         return RayEngine(args.model, mode, args.max_new_tokens, pool_kwargs, address=args.address,
                          device=None if args.device == "auto" else args.device, dtype=None if args.dtype == "auto" else args.dtype,
-                         cpus_per_agent=args.cpus_per_agent, gpus_per_agent=gpus, sink_head=args.sink_head)
+                         cpus_per_agent=args.cpus_per_agent, gpus_per_agent=gpus, engine_options=_engine_options(args))
     from .anchors import AnchorPool
     from .reuse import ReuseEngine
 
     return ReuseEngine(lm, mode, pool=AnchorPool(**pool_kwargs), max_new_tokens=args.max_new_tokens,
-                       sink_head=args.sink_head)
+                       **_engine_options(args))
+
+
+def _engine_options(args) -> dict:
+    return {"sink_head": args.sink_head, "refresh_tail": getattr(args, "refresh_tail", False)}
 
 
 def run_modes(lm, args, progress: bool = True) -> dict:
@@ -84,6 +91,7 @@ def run_modes(lm, args, progress: bool = True) -> dict:
                     "items": len(workload.items), "model": lm.name if lm else args.model,
                     "device": str(lm.device) if lm else f"ray actors ({args.device})", "backend": backend,
                     "concurrency": batch, "gamma": args.gamma, "tau": args.tau, "sink_head": args.sink_head,
+                    "refresh_tail": getattr(args, "refresh_tail", False),
                     "max_new_tokens": args.max_new_tokens,
                     "modes": {}}
     for mode in modes:

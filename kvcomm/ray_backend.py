@@ -165,7 +165,7 @@ class AgentActor:
     """One agent: its own model copy and ReuseEngine, with the shared pool behind a RemotePool."""
 
     def __init__(self, model: str, mode: str, pool_actor, max_new_tokens: int, device: str | None = None,
-                 dtype: str | None = None, sink_head: bool = True):
+                 dtype: str | None = None, engine_options: dict | None = None):
         import os
 
         from .models import load_model
@@ -173,7 +173,7 @@ class AgentActor:
         self.lm = load_model(model, device=device, dtype=dtype, progress=False)
         self.fp = fingerprint(self.lm.model, self.lm.tokenizer)
         pool = RemotePool(pool_actor, self.fp, self.lm.device, self.lm.dtype)
-        self.engine = ReuseEngine(self.lm, mode, pool=pool, max_new_tokens=max_new_tokens, sink_head=sink_head)
+        self.engine = ReuseEngine(self.lm, mode, pool=pool, max_new_tokens=max_new_tokens, **(engine_options or {}))
         self.pid = os.getpid()
         pool._call("register", self.fp.to_json())
 
@@ -206,7 +206,8 @@ class RayEngine:
     def __init__(self, model: str, mode: str = "reuse", max_new_tokens: int = 64, pool_kwargs: dict | None = None,
                  address: str | None = None, device: str | None = None, dtype: str | None = None,
                  cpus_per_agent: float = 0.0, gpus_per_agent: float = 0.0, max_restarts: int = 3,
-                 sink_head: bool = True):
+                 engine_options: dict | None = None):
+        """`engine_options`: keyword arguments of every agent's `ReuseEngine` (sink_head, refresh_tail)."""
         from .models import load_tokenizer
 
         ray = _ray()
@@ -214,7 +215,7 @@ class RayEngine:
             ray.init(address=address, include_dashboard=False, log_to_driver=False,
                      logging_level=logging.WARNING, configure_logging=True)
         self.model, self.mode, self.max_new_tokens = model, mode, max_new_tokens
-        self.device, self.dtype, self.sink_head = device, dtype, sink_head
+        self.device, self.dtype, self.engine_options = device, dtype, engine_options
         self.tokenizer = load_tokenizer(model)
         self.lm = SimpleNamespace(tokenizer=self.tokenizer)
         self.actor_options = {"num_cpus": cpus_per_agent, "num_gpus": gpus_per_agent, "max_restarts": max_restarts,
@@ -228,7 +229,7 @@ class RayEngine:
         actor = self.agents.get(agent_id)
         if actor is None:
             actor = self._agent_cls.options(**self.actor_options).remote(
-                self.model, self.mode, self.pool_actor, self.max_new_tokens, self.device, self.dtype, self.sink_head)
+                self.model, self.mode, self.pool_actor, self.max_new_tokens, self.device, self.dtype, self.engine_options)
             self.agents[agent_id] = actor
         return actor
 

@@ -108,7 +108,7 @@ class ReuseEngine:
 
     def __init__(self, lm: LoadedModel, mode: str = "reuse", pool: AnchorPool | None = None,
                  max_new_tokens: int = 64, force_new_anchors: bool = False, prefix_slots: int = 4,
-                 sink_head: bool = True):
+                 sink_head: bool = True, refresh_tail: bool = False):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.lm = lm
@@ -117,6 +117,7 @@ class ReuseEngine:
         self.max_new_tokens = max_new_tokens
         self.force_new_anchors = force_new_anchors
         self.prefix_slots = prefix_slots
+        self.refresh_tail = refresh_tail
         self.head = shared_head_ids(lm.tokenizer) if sink_head and lm.tokenizer is not None else []
         self.stops = set(stop_ids(lm))
         self._templates: dict[tuple, TemplateKV] = {}
@@ -229,8 +230,22 @@ class ReuseEngine:
             shifts.append(torch.full((b - a,), a, dtype=torch.long))
         full = KVBlock(torch.cat([p.k for p in pieces], 2), torch.cat([p.v for p in pieces], 2))
         full = KVBlock(rerotate(lm.model, full.k, torch.cat(shifts)), full.v)
-        logits, cache = forward(lm, ids[-1:], full.slice(0, len(ids) - 1))
-        return logits, cache, "reuse", prefilled + 1, {k: m.entropy for k, m in matches.items()}
+        t = self._tail_start(spans, len(ids))
+        logits, cache = forward(lm, ids[t:], full.slice(0, t))
+        return logits, cache, "reuse", prefilled + len(ids) - t, {k: m.entropy for k, m in matches.items()}
+
+    def _tail_start(self, spans, n: int) -> int:
+        """First prompt token that is run through the model on the reuse path.
+
+        Always the last token (it must run to give the first logits). With `refresh_tail`, the whole
+        last template segment (e.g. "Give only the final number.<|im_end|>\n<|im_start|>assistant\n",
+        13 tokens) is prefilled over the assembled KV instead of taking template KV + estimated offset:
+        those tokens sit right before the reply, so their hidden states see the reused contents
+        through real attention, for a few tokens of prefill. Not in the paper."""
+        kind, a, _ = spans[-1]
+        if self.refresh_tail and kind.startswith("p"):
+            return min(a, n - 1)
+        return n - 1
 
     def _record(self, agent, tkv, cache, spans, contents, bases, matches, agent_key, request) -> None:
         """Stage Δφ and Δp (origin frame) for each placeholder that was not shareable."""

@@ -52,19 +52,22 @@ def test_forced_new_anchors_equal_dense(arch):
         assert all(c["path"] == "dense" for c in b.calls)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_replayed_request_reuses_and_matches_dense(arch):
-    """Same request twice: every call reuses, with offsets = the real deltas; first logits equal dense."""
+@pytest.mark.parametrize("arch,refresh_tail", [("llama", False), ("qwen2", False), ("llama", True)])
+def test_replayed_request_reuses_and_matches_dense(arch, refresh_tail):
+    """Same request twice: every call reuses, with offsets = the real deltas; first logits equal dense.
+    With refresh_tail the last template segment is prefilled instead (and the replies still match)."""
     lm = make_tiny(arch)
     wl = small_workload(1)
-    engine = ReuseEngine(lm, "reuse", max_new_tokens=6)
+    engine = ReuseEngine(lm, "reuse", max_new_tokens=6, refresh_tail=refresh_tail)
     runner = MultiAgentRunner(engine, wl, 3, "fully_connected")
     first = runner.run_item(wl.items[0])
     second = runner.run_item(wl.items[0])
     assert [c["path"] for c in first.calls] == ["dense"] * 4
     assert [c["path"] for c in second.calls] == ["reuse"] * 4
     assert [c["reply_ids"] for c in first.calls] == [c["reply_ids"] for c in second.calls]
-    assert all(c["prefilled_tokens"] <= 1 for c in second.calls[1:])  # question base KV was computed in call 1
+    tails = [len(t.segment_ids[-1]) for t in [*(runner.templates[(0, k)] for k in range(3)), runner.decider]]
+    expected = tails if refresh_tail else [1] * 4  # the question's base KV was computed in call 1
+    assert [c["prefilled_tokens"] for c in second.calls[1:]] == expected[1:]
 
 
 def test_reused_cache_equals_dense_cache_on_replay():

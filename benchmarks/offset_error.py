@@ -1,0 +1,114 @@
+"""How close does reuse's assembled KV get to a dense prefill, and does the reply follow? One agent, one placeholder.
+
+Usage: python benchmarks/offset_error.py [--anchors 3] [--questions 20] [--no-sink-head] [--tau 0.003] [--out F.json]
+
+Agent 0 of the 5-agent math runner reads only `{user_question}`. The first `--anchors` questions are
+recorded as anchors (dense prefill + deltas); each later question's KV is then assembled four ways:
+with zero offsets (re-rotation only), with the anchor-estimated offsets (what reuse does), the same
+followed by a real prefill of the prompt's last template segment over the assembled KV (`+tail`, what
+`--refresh-tail` does), and with the true offsets (an oracle; equals dense). For each: relative L2 error of keys and values against the
+dense prefill (layers 1+, the placeholder and the segment after it), whether the first token and the
+whole greedy reply equal dense's. Questions longer than every anchor are skipped (reuse would prefill them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import uuid
+from pathlib import Path
+
+import torch
+
+from kvcomm.agents import MultiAgentRunner
+from kvcomm.anchors import AnchorPool, KVBlock
+from kvcomm.generation import greedy_continue
+from kvcomm.models import load_model
+from kvcomm.reuse import Content, ReuseEngine, _add_offset, cache_to_block, forward, move
+from kvcomm.rope import rerotate
+from kvcomm.workloads import load_workload
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--anchors", type=int, default=3)
+    ap.add_argument("--questions", type=int, default=20)
+    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--tau", type=float, default=0.003)
+    ap.add_argument("--no-sink-head", action="store_true")
+    ap.add_argument("--out", help="also write the JSON summary here")
+    args = ap.parse_args()
+    lm = load_model(args.model)
+    wl = load_workload("math", args.anchors + args.questions)
+    pool = AnchorPool(gamma=1e9, tau=args.tau)  # no entropy gate: every question is matched
+    eng = ReuseEngine(lm, "reuse", pool=pool, max_new_tokens=args.max_new_tokens, sink_head=not args.no_sink_head)
+    agent = MultiAgentRunner(eng, wl, 5).templates[(0, 0)]
+    tok = lm.tokenizer
+
+    def ids_of(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    eng.force_new_anchors = True
+    for it in wl.items[: args.anchors]:
+        req = uuid.uuid4().hex
+        eng.call(agent, {"user_question": Content(ids_of(it.question))}, req)
+        pool.commit(req)
+    tkv = eng.template_kv(agent)
+
+    def assemble(spans, base, ph_off, seg_off):
+        pieces, shifts = [tkv.p0], [torch.zeros(tkv.p0.n, dtype=torch.long)]
+        for kind, a, b in spans[1:]:
+            pieces.append(_add_offset(tkv.segments[0], seg_off) if kind.startswith("p") else _add_offset(base, ph_off))
+            shifts.append(torch.full((b - a,), a, dtype=torch.long))
+        full = KVBlock(torch.cat([p.k for p in pieces], 2), torch.cat([p.v for p in pieces], 2))
+        return KVBlock(rerotate(lm.model, full.k, torch.cat(shifts)), full.v)
+
+    variants = ("zero", "estimated", "estimated+tail", "oracle")
+    stats = {v: {"key_err": [], "value_err": [], "first_token": 0, "reply": 0} for v in variants}
+    skipped = 0
+    for it in wl.items[args.anchors :]:
+        q = ids_of(it.question)
+        ids, spans = agent.layout({"user_question": q})
+        logits, cache = forward(lm, ids)
+        true = cache_to_block(cache, 0, len(ids))
+        dense_reply = greedy_continue(lm, cache, logits, len(ids), args.max_new_tokens, eng.stops, feed_last=True)
+        base, _ = eng.base_kv(Content(q))
+        m = pool.match("user_question", agent.pool_key, base)
+        if m is None:
+            skipped += 1
+            continue
+        (_, a, b), (_, sa, sb) = spans[1], spans[2]
+        zeros = (KVBlock(torch.zeros_like(base.k), torch.zeros_like(base.v)),
+                 KVBlock(torch.zeros_like(tkv.segments[0].k), torch.zeros_like(tkv.segments[0].v)))
+        oracle = (move(lm, true.slice(a, b), -a) - base, move(lm, true.slice(sa, sb), -sa) - tkv.segments[0])
+        est = (m.placeholder_offset, m.segment_offset)
+        for name, (po, so) in {"zero": zeros, "estimated": est, "estimated+tail": est, "oracle": oracle}.items():
+            full = assemble(spans, base, po, so)
+            t = sa if name.endswith("+tail") else len(ids) - 1  # +tail: the last segment is prefilled
+            lg, c2 = forward(lm, ids[t:], full.slice(0, t))
+            if t < len(ids) - 1:
+                full = KVBlock(full.k.clone(), full.v.clone())
+                full.k[:, :, t:] = cache_to_block(c2, t, len(ids)).k
+                full.v[:, :, t:] = cache_to_block(c2, t, len(ids)).v
+            reply = greedy_continue(lm, c2, lg, len(ids), args.max_new_tokens, eng.stops, feed_last=True)
+            s = stats[name]
+            s["first_token"] += int(lg.argmax() == logits.argmax())
+            s["reply"] += int(reply == dense_reply)
+            for key, x, y in (("key_err", full.k, true.k), ("value_err", full.v, true.v)):
+                s[key].append(float((x[1:, :, a:sb] - y[1:, :, a:sb]).norm() / y[1:, :, a:sb].norm()))
+    n = args.questions - skipped
+    out = {"args": vars(args), "questions": n, "skipped": skipped}
+    for name, s in stats.items():
+        out[name] = {"key_err": sum(s["key_err"]) / n, "value_err": sum(s["value_err"]) / n,
+                     "first_token_equal": s["first_token"] / n, "reply_equal": s["reply"] / n}
+        print(f"{name:14s} key err {out[name]['key_err']:.3f}  value err {out[name]['value_err']:.3f}  "
+              f"first token = dense {s['first_token']}/{n}  reply = dense {s['reply']}/{n}")
+    print(json.dumps(out))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -11,6 +11,8 @@
           re-rotated to their real positions, and the last prompt token is run through the model to
           give the first logits. If any placeholder is not shareable, the call falls back to a dense
           prefill and records that placeholder as a new anchor (deltas staged until the request ends).
+          Options beyond the paper: `sink_head` (how stand-alone contents are encoded, see `base_kv`)
+          and `refresh_tail` (prefill the last template segment, see `_tail_start`).
 
 Timing: TTFT is measured from the start of the call to the first token's logits, including base-KV
 prefills, anchor matching and cache assembly. Template KV is precomputed when an agent template is
@@ -238,8 +240,8 @@ class ReuseEngine:
         """First prompt token that is run through the model on the reuse path.
 
         Always the last token (it must run to give the first logits). With `refresh_tail`, the whole
-        last template segment (e.g. "Give only the final number.<|im_end|>\n<|im_start|>assistant\n",
-        13 tokens) is prefilled over the assembled KV instead of taking template KV + estimated offset:
+        last template segment (on the math agents: "Give only the final number." and the assistant
+        header, 13 tokens) is prefilled over the assembled KV instead of taking template KV + estimated offset:
         those tokens sit right before the reply, so their hidden states see the reused contents
         through real attention, for a few tokens of prefill. Not in the paper."""
         kind, a, _ = spans[-1]

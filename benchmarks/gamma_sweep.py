@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from kvcomm.agents_cli import run_modes
+from kvcomm.agents_cli import agreement, run_modes
 from kvcomm.models import load_model
 from kvcomm.workloads import load_workload
 
@@ -45,15 +45,10 @@ def main() -> None:
         if args.param in ("sink_head", "refresh_tail"):
             knobs[args.param] = bool(g)
         rep = run_modes(lm, argparse.Namespace(**base, **knobs, mode=["reuse"]))["modes"]["reuse"]
-        pairs = list(zip(dense["items"], rep["items"]))
-        calls = [(x, y) for a, b in pairs for x, y in zip(a["calls"], b["calls"])]
+        agree = agreement(wl, dense["items"], rep["items"])
         rows.append({**knobs, "accuracy": rep["accuracy"], "dense_accuracy": dense["accuracy"],
                      "reuse_rate": rep["reuse_rate"], "reuse_rate_after_warmup": rep["reuse_rate_after_warmup"],
-                     "final_agreement": sum(a["final"] == b["final"] for a, b in pairs) / len(pairs),
-                     "answer_agreement": sum(wl.answer_of(it, a["final"]) == wl.answer_of(it, b["final"])
-                                             for it, (a, b) in zip(wl.items, pairs)) / len(pairs),
-                     "call_agreement": sum(x["reply_ids"] == y["reply_ids"] for x, y in calls) / len(calls),
-                     "pool": rep["pool"]})
+                     **{f"{k}_agreement": v for k, v in agree.items()}, "pool": rep["pool"]})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "pool"}), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -24,8 +24,7 @@ from kvcomm.agents import MultiAgentRunner
 from kvcomm.anchors import AnchorPool, KVBlock
 from kvcomm.generation import greedy_continue
 from kvcomm.models import load_model
-from kvcomm.reuse import Content, ReuseEngine, _add_offset, cache_to_block, forward, move
-from kvcomm.rope import rerotate
+from kvcomm.reuse import Content, ReuseEngine, _add_offset, assemble, cache_to_block, forward, move
 from kvcomm.workloads import load_workload
 
 
@@ -56,14 +55,6 @@ def main() -> None:
         pool.commit(req)
     tkv = eng.template_kv(agent)
 
-    def assemble(spans, base, ph_off, seg_off):
-        pieces, shifts = [tkv.p0], [torch.zeros(tkv.p0.n, dtype=torch.long)]
-        for kind, a, b in spans[1:]:
-            pieces.append(_add_offset(tkv.segments[0], seg_off) if kind.startswith("p") else _add_offset(base, ph_off))
-            shifts.append(torch.full((b - a,), a, dtype=torch.long))
-        full = KVBlock(torch.cat([p.k for p in pieces], 2), torch.cat([p.v for p in pieces], 2))
-        return KVBlock(rerotate(lm.model, full.k, torch.cat(shifts)), full.v)
-
     variants = ("zero", "estimated", "estimated+tail", "oracle")
     stats = {v: {"key_err": [], "value_err": [], "first_token": 0, "reply": 0} for v in variants}
     skipped = 0
@@ -84,13 +75,11 @@ def main() -> None:
         oracle = (move(lm, true.slice(a, b), -a) - base, move(lm, true.slice(sa, sb), -sa) - tkv.segments[0])
         est = (m.placeholder_offset, m.segment_offset)
         for name, (po, so) in {"zero": zeros, "estimated": est, "estimated+tail": est, "oracle": oracle}.items():
-            full = assemble(spans, base, po, so)
+            full = assemble(lm, tkv.p0, spans, [_add_offset(base, po), _add_offset(tkv.segments[0], so)])
             t = sa if name.endswith("+tail") else len(ids) - 1  # +tail: the last segment is prefilled
             lg, c2 = forward(lm, ids[t:], full.slice(0, t))
             if t < len(ids) - 1:
-                full = KVBlock(full.k.clone(), full.v.clone())
-                full.k[:, :, t:] = cache_to_block(c2, t, len(ids)).k
-                full.v[:, :, t:] = cache_to_block(c2, t, len(ids)).v
+                full = cache_to_block(c2, 0, len(ids))  # the assembled prefix, then the prefilled tail
             reply = greedy_continue(lm, c2, lg, len(ids), args.max_new_tokens, eng.stops, feed_last=True)
             s = stats[name]
             s["first_token"] += int(lg.argmax() == logits.argmax())

@@ -122,14 +122,18 @@ def run_modes(lm, args, progress: bool = True) -> dict:
     if "dense" in report["modes"]:
         dense = report["modes"]["dense"]["items"]
         for m in report["modes"].values():
-            pairs = list(zip(dense, m["items"]))
-            m["final_agreement_with_dense"] = sum(a["final"] == b["final"] for a, b in pairs) / len(pairs)
-            m["answer_agreement_with_dense"] = sum(
-                workload.answer_of(it, a["final"]) == workload.answer_of(it, b["final"])
-                for it, (a, b) in zip(workload.items, pairs)) / len(pairs)
-            call_pairs = [(x, y) for a, b in pairs for x, y in zip(a["calls"], b["calls"])]
-            m["call_agreement_with_dense"] = sum(x["reply_ids"] == y["reply_ids"] for x, y in call_pairs) / len(call_pairs)
+            m.update({f"{k}_agreement_with_dense": v for k, v in agreement(workload, dense, m["items"]).items()})
     return report
+
+
+def agreement(workload, dense_items: list[dict], items: list[dict]) -> dict[str, float]:
+    """Shares equal to dense mode's on the same items: final texts, graded answers, every agent reply."""
+    pairs = list(zip(dense_items, items))
+    calls = [(x, y) for a, b in pairs for x, y in zip(a["calls"], b["calls"])]
+    return {"final": sum(a["final"] == b["final"] for a, b in pairs) / len(pairs),
+            "answer": sum(workload.answer_of(it, a["final"]) == workload.answer_of(it, b["final"])
+                          for it, (a, b) in zip(workload.items, pairs)) / len(pairs),
+            "call": sum(x["reply_ids"] == y["reply_ids"] for x, y in calls) / len(calls)}
 
 
 def ttft_by_position(mode_report: dict, skip_items: int) -> list[float]:

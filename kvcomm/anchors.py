@@ -16,7 +16,7 @@ else it becomes a new anchor. τ = 0.003 by default: on SmolLM2-135M, relative d
 different contents cluster within ~0.01–0.03 of each other, so τ = 0.05 made the weights near-uniform,
 every call ambiguous (H > γ·log|A| as soon as two anchors exist) and reuse stopped. With bases encoded
 after the chat head (`ReuseEngine.base_kv`) the 10-item math sweep gave 60% reuse at τ = 0.01 and 70%
-at 0.003 or 0.001, with equal agreement with dense (`results/sink-head/`). τ sets the scale at which γ
+at 0.003 or 0.001, with final answers equal to dense in 60% and 50% of items (`results/sink-head/`). τ sets the scale at which γ
 acts, and is exposed (`--tau`) next to γ. Offsets (Eq. 6–7) use per-token weights for the placeholder and per
 (layer, head, channel) weights for the following segment, as the reference code does.
 

@@ -220,18 +220,14 @@ class ReuseEngine:
             logits, cache = forward(lm, ids)
             self._record(agent, tkv, cache, spans, contents, bases, matches, agent_key, request)
             return logits, cache, "dense", prefilled + len(ids), {}
-        # Pieces stay in the origin frame; one re-rotation with per-token shifts moves them all
-        # (fewer kernel launches than one rotation per piece; the result is the same).
-        pieces, shifts = [tkv.p0], [torch.zeros(tkv.p0.n, dtype=torch.long)]
-        for kind, a, b in spans[1:]:
+        pieces = []
+        for kind, _, _ in spans[1:]:
             if kind.startswith("p"):
                 i = int(kind[1:])
                 pieces.append(_add_offset(tkv.segments[i - 1], matches[agent.names[i - 1]].segment_offset))
             else:
                 pieces.append(_add_offset(bases[kind], matches[kind].placeholder_offset))
-            shifts.append(torch.full((b - a,), a, dtype=torch.long))
-        full = KVBlock(torch.cat([p.k for p in pieces], 2), torch.cat([p.v for p in pieces], 2))
-        full = KVBlock(rerotate(lm.model, full.k, torch.cat(shifts)), full.v)
+        full = assemble(lm, tkv.p0, spans, pieces)
         t = self._tail_start(spans, len(ids))
         logits, cache = forward(lm, ids[t:], full.slice(0, t))
         return logits, cache, "reuse", prefilled + len(ids) - t, {k: m.entropy for k, m in matches.items()}
@@ -261,6 +257,16 @@ class ReuseEngine:
             dseg = move(self.lm, real.slice(sa, sb), -sa) - tkv.segments[i]
             self.pool.stage(request, name, content_key(contents[name].ids), bases[name], agent_key,
                             AgentDelta(_zero_layer0(dphi), _zero_layer0(dseg)))
+
+
+def assemble(lm: LoadedModel, p0: KVBlock, spans, pieces: list[KVBlock]) -> KVBlock:
+    """The prompt's KV: exact `p0`, then one origin-frame piece per later span, keys re-rotated to the spans'
+    positions. One re-rotation with per-token shifts moves every piece (fewer kernel launches than one
+    rotation per piece; the result is the same)."""
+    shifts = [torch.zeros(p0.n, dtype=torch.long)] + [torch.full((b - a,), a, dtype=torch.long) for _, a, b in spans[1:]]
+    blocks = [p0, *pieces]
+    full = KVBlock(torch.cat([p.k for p in blocks], 2), torch.cat([p.v for p in blocks], 2))
+    return KVBlock(rerotate(lm.model, full.k, torch.cat(shifts)), full.v)
 
 
 def _zero_layer0(block: KVBlock) -> KVBlock:

@@ -3,12 +3,19 @@
 Usage: python benchmarks/offset_error.py [--anchors 3] [--questions 20] [--no-sink-head] [--tau 0.003] [--out F.json]
 
 Agent 0 of the 5-agent math runner reads only `{user_question}`. The first `--anchors` questions are
-recorded as anchors (dense prefill + deltas); each later question's KV is then assembled four ways:
+recorded as anchors (dense prefill + deltas); each later question's KV is then assembled several ways:
 with zero offsets (re-rotation only), with the anchor-estimated offsets (what reuse does), the same
 followed by a real prefill of the prompt's last template segment over the assembled KV (`+tail`, what
-`--refresh-tail` does), and with the true offsets (an oracle; equals dense). For each: relative L2 error of keys and values against the
-dense prefill (layers 1+, the placeholder and the segment after it), whether the first token and the
-whole greedy reply equal dense's. Questions longer than every anchor are skipped (reuse would prefill them).
+`--refresh-tail` does), with the true offsets (an oracle; equals dense), and two probes of what a better
+estimate would buy:
+  token-nearest   each question token, in each layer, takes the delta of the anchor token (any anchor,
+                  any position) whose base value vector is nearest, its key delta re-rotated to the
+                  token's position; not in the paper (its offsets are position-aligned).
+  true×(1-a)      the true offsets scaled by 1-a: every error is the fraction a of the uncorrected one.
+                  It shows how small the error must be before greedy replies follow dense.
+For each: relative L2 error of keys and values against the dense prefill (layers 1+, the placeholder
+and the segment after it), whether the first token and the whole greedy reply equal dense's.
+Questions longer than every anchor are skipped (reuse would prefill them).
 """
 
 from __future__ import annotations
@@ -25,7 +32,27 @@ from kvcomm.anchors import AnchorPool, KVBlock
 from kvcomm.generation import greedy_continue
 from kvcomm.models import load_model
 from kvcomm.reuse import Content, ReuseEngine, _add_offset, assemble, cache_to_block, forward, move
+from kvcomm.rope import rerotate
 from kvcomm.workloads import load_workload
+
+RESIDUALS = (0.05, 0.1, 0.2, 0.4)  # the a of the true×(1-a) rows
+
+
+def token_nearest(lm, anchors, agent_key: str, base: KVBlock) -> KVBlock:
+    """Placeholder offsets from the nearest anchor token per (layer, token), by base-value distance."""
+    bases = torch.cat([a.base.v for a in anchors], 2).float()  # [L, H, M, D]
+    dk = torch.cat([a.deltas[agent_key].placeholder.k for a in anchors], 2)
+    dv = torch.cat([a.deltas[agent_key].placeholder.v for a in anchors], 2)
+    pos = torch.cat([torch.arange(a.base.n) for a in anchors])
+    L, H, n, D = base.v.shape
+    q = base.v.float().permute(0, 2, 1, 3).reshape(L, n, H * D)
+    nearest = torch.cdist(q, bases.permute(0, 2, 1, 3).reshape(L, -1, H * D)).argmin(-1)  # [L, n]
+    k = torch.stack([rerotate(lm.model, dk[i : i + 1, :, nearest[i]], torch.arange(n) - pos[nearest[i]])[0]
+                     for i in range(L)])
+    v = torch.stack([dv[i][:, nearest[i]] for i in range(L)])
+    k[0] = 0  # layer 0 is never offset
+    v[0] = 0
+    return KVBlock(k.to(base.k.dtype), v.to(base.v.dtype))
 
 
 def main() -> None:
@@ -55,7 +82,7 @@ def main() -> None:
         pool.commit(req)
     tkv = eng.template_kv(agent)
 
-    variants = ("zero", "estimated", "estimated+tail", "oracle")
+    variants = ("zero", "estimated", "estimated+tail", "token-nearest", "oracle", *(f"true*(1-{a})" for a in RESIDUALS))
     stats = {v: {"key_err": [], "value_err": [], "first_token": 0, "reply": 0} for v in variants}
     skipped = 0
     for it in wl.items[args.anchors :]:
@@ -74,7 +101,12 @@ def main() -> None:
                  KVBlock(torch.zeros_like(tkv.segments[0].k), torch.zeros_like(tkv.segments[0].v)))
         oracle = (move(lm, true.slice(a, b), -a) - base, move(lm, true.slice(sa, sb), -sa) - tkv.segments[0])
         est = (m.placeholder_offset, m.segment_offset)
-        for name, (po, so) in {"zero": zeros, "estimated": est, "estimated+tail": est, "oracle": oracle}.items():
+        offsets = {"zero": zeros, "estimated": est, "estimated+tail": est,
+                   "token-nearest": (token_nearest(lm, pool.anchors("user_question"), agent.pool_key, base), est[1]),
+                   "oracle": oracle}
+        for r in RESIDUALS:
+            offsets[f"true*(1-{r})"] = tuple(KVBlock(o.k * (1 - r), o.v * (1 - r)) for o in oracle)
+        for name, (po, so) in offsets.items():
             full = assemble(lm, tkv.p0, spans, [_add_offset(base, po), _add_offset(tkv.segments[0], so)])
             t = sa if name.endswith("+tail") else len(ids) - 1  # +tail: the last segment is prefilled
             lg, c2 = forward(lm, ids[t:], full.slice(0, t))
@@ -91,7 +123,7 @@ def main() -> None:
     for name, s in stats.items():
         out[name] = {"key_err": sum(s["key_err"]) / n, "value_err": sum(s["value_err"]) / n,
                      "first_token_equal": s["first_token"] / n, "reply_equal": s["reply"] / n}
-        print(f"{name:14s} key err {out[name]['key_err']:.3f}  value err {out[name]['value_err']:.3f}  "
+        print(f"{name:16s} key err {out[name]['key_err']:.3f}  value err {out[name]['value_err']:.3f}  "
               f"first token = dense {s['first_token']}/{n}  reply = dense {s['reply']}/{n}")
     print(json.dumps(out))
     if args.out:

@@ -163,6 +163,11 @@ class AnchorPool:
                     a.uses += 1
         return Match(placeholder, segment, w, entropy, [a.key for a, _ in cands])
 
+    def anchors(self, name: str) -> list[Anchor]:
+        """The anchors held for placeholder `name`, oldest first (a snapshot; for analysis tools)."""
+        with self._lock:
+            return sorted(self._anchors.get(name, {}).values(), key=lambda a: a.created)
+
     def stats(self) -> PoolStats:
         with self._lock:
             return PoolStats(sum(len(x) for x in self._anchors.values()), self._bytes, self.byte_budget, self._matches,

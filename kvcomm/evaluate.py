@@ -31,7 +31,9 @@ from pathlib import Path
 from . import baselines
 from .bench import prefill_flops
 from .datasets import read_jsonl
+from .errors import DataError
 from .files import write_atomic
+from .fingerprint import fingerprint
 from .metrics import exact_match, match, rouge_l_recall, token_f1
 from .prompts import baseline_ids, split_prompt
 from .selection import Ranking, calibrate, contiguous_layers, random_layers
@@ -52,8 +54,6 @@ def load_items(task: str, limit: int, seed: int) -> list[dict]:
 
 def expand_methods(methods: list[str]) -> list[str]:
     """'ac' stands for its three modes; unknown names raise DataError."""
-    from .errors import DataError
-
     out = []
     for m in methods:
         names = [f"ac-{mode}" for mode in baselines.AC_MODES] if m == "ac" else [m]
@@ -162,6 +162,27 @@ def run_item(lm, item: dict, method: str, ranking: Ranking | None, seed: int, ma
             "total_ms": gen.total_s * 1e3}
 
 
+def check_run_settings(out: Path, settings: dict) -> None:
+    """Refuse to resume into `out` a run whose rows would not be comparable with those already there.
+
+    `out/run.json` records the model's fingerprint, dtype and every setting that changes an item's
+    result; a resumed run must match it, or the table would silently mix two models (or two
+    generation lengths). The task list, methods and --limit may change (they add rows, not alter
+    them). A directory from before run.json existed is adopted as is."""
+    path = out / "run.json"
+    if path.exists():
+        try:
+            before = json.loads(path.read_text())
+        except ValueError as e:
+            raise DataError(f"cannot read {path}: {e}; delete it to adopt {out} for this run") from None
+        diff = [f"{k} {before.get(k)!r} there, {v!r} now" for k, v in settings.items() if before.get(k) != v]
+        if diff:
+            raise DataError(f"{out} holds results of another run ({'; '.join(diff)}); use a new --out, "
+                            f"or rerun with the same settings to resume")
+    else:
+        write_atomic(path, json.dumps(settings, indent=1))
+
+
 def read_results(path: Path) -> dict:
     """Finished rows keyed by (task, id, method). A torn last line (killed mid-write) is cut off the file."""
     done: dict = {}
@@ -195,6 +216,9 @@ def run_eval(lm, tasks: list[str], methods: list[str], ratios: list[float], limi
     from tqdm.auto import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
+    check_run_settings(out, {"model": fingerprint(lm.model, lm.tokenizer).short, "dtype": str(lm.dtype).removeprefix("torch."),
+                             "seed": seed, "max_new_tokens": max_new_tokens, "answer_prefix": answer_prefix,
+                             "recalibrate_every": recalibrate_every, "summary_tokens": summary_tokens, "ac_layer": ac_layer})
     results_path = out / "results.jsonl"
     done = read_results(results_path)
     names = method_names(methods, ratios)
@@ -234,7 +258,6 @@ def run_eval(lm, tasks: list[str], methods: list[str], ratios: list[float], limi
 
 def report(out: Path, tasks: list[str], names: list[str]) -> dict:
     """Summary, table and plot from `results.jsonl` as it stands (a partial run included), no model needed."""
-    from .errors import DataError
 
     rows = list(read_results(out / "results.jsonl").values())
     if not rows:
@@ -384,7 +407,6 @@ def _shard(text: str) -> tuple[int, int]:
 
 def cmd_eval(args) -> int:
     from .cli import _load
-    from .errors import DataError
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     expand_methods(methods)  # unknown names fail before the model loads

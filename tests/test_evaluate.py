@@ -9,6 +9,7 @@ import pytest
 from conftest import make_tiny
 
 from kvcomm.cli import main
+from kvcomm.errors import DataError
 from kvcomm.evaluate import method_names, run_eval
 
 FIXTURE = str(Path(__file__).parent / "data" / "fixture.jsonl")
@@ -75,6 +76,19 @@ def test_a_torn_last_line_is_dropped_and_recomputed(tmp_path):
 
     assert untimed(path.read_text().splitlines()) == untimed(lines)
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_resuming_with_another_model_or_setting_is_refused(tmp_path):
+    kw = dict(methods=["baseline", "kvcomm"], ratios=[0.5], limit=1, out=tmp_path, progress=False)
+    run_eval(make_tiny(seed=0), ["twohop"], max_new_tokens=2, **kw)
+    rows = (tmp_path / "results.jsonl").read_text()
+    with pytest.raises(DataError, match="holds results of another run.*model .*use a new --out"):
+        run_eval(make_tiny(seed=1), ["twohop"], max_new_tokens=2, **kw)  # same architecture, other weights
+    with pytest.raises(DataError, match="max_new_tokens 2 there, 3 now"):
+        run_eval(make_tiny(seed=0), ["twohop"], max_new_tokens=3, **kw)
+    assert (tmp_path / "results.jsonl").read_text() == rows  # nothing was mixed in
+    s = run_eval(make_tiny(seed=0), ["twohop", "countries"], max_new_tokens=2, **kw)  # more tasks: allowed
+    assert s["resumed"] == 2 and s["ran"] == 2
 
 
 def test_shards_concatenated_equal_one_run(tmp_path):

@@ -73,6 +73,7 @@ def _engine(lm, args, mode: str):
 
 
 def _engine_options(args) -> dict:
+    """ReuseEngine options beyond the paper; `refresh_tail` may be absent from a caller-built Namespace."""
     return {"sink_head": args.sink_head, "refresh_tail": getattr(args, "refresh_tail", False)}
 
 
@@ -90,8 +91,7 @@ def run_modes(lm, args, progress: bool = True) -> dict:
     report: dict = {"workload": args.workload, "agents": args.agents, "topology": args.topology, "rounds": args.rounds,
                     "items": len(workload.items), "model": lm.name if lm else args.model,
                     "device": str(lm.device) if lm else f"ray actors ({args.device})", "backend": backend,
-                    "concurrency": batch, "gamma": args.gamma, "tau": args.tau, "sink_head": args.sink_head,
-                    "refresh_tail": getattr(args, "refresh_tail", False),
+                    "concurrency": batch, "gamma": args.gamma, "tau": args.tau, **_engine_options(args),
                     "max_new_tokens": args.max_new_tokens,
                     "modes": {}}
     for mode in modes:

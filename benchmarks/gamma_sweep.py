@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
-from kvcomm.agents_cli import agreement, run_modes
-from kvcomm.models import load_model
-from kvcomm.workloads import load_workload
+from kvcomm.agents.workloads import load_workload
+from kvcomm.core.models import load_model
+from kvcomm.experiments.agents_report import AgentsConfig, agreement, run_modes
+from kvcomm.reuse.anchors import PoolConfig
+from kvcomm.reuse.engine import ReuseConfig
 
 
 def main() -> None:
@@ -34,9 +37,10 @@ def main() -> None:
     ap.add_argument("--out", default="results/gamma-sweep")
     args = ap.parse_args()
     lm = load_model(args.model)
-    base = dict(workload=args.workload, agents=args.agents, topology="fully_connected", rounds=1, limit=args.limit,
-                warmup=2, max_new_tokens=args.max_new_tokens, max_anchors=20, pool_bytes=8 << 30, seed=0)
-    dense = run_modes(lm, argparse.Namespace(**base, gamma=args.gamma, tau=args.tau, sink_head=True, mode=["dense"]))["modes"]["dense"]
+    base = AgentsConfig(model=args.model, workload=args.workload, agents=args.agents, limit=args.limit, warmup=2,
+                        reuse=ReuseConfig(max_new_tokens=args.max_new_tokens),
+                        pool=PoolConfig(max_anchors=20, byte_budget=8 << 30, gamma=args.gamma, tau=args.tau))
+    dense = run_modes(lm, replace(base, modes=("dense",)))["modes"]["dense"]
     wl = load_workload(args.workload, args.limit, 0)
     rows = []
     for g in [float(x) for x in args.values.split(",")]:
@@ -44,7 +48,9 @@ def main() -> None:
                  "refresh_tail": args.refresh_tail, args.param: g}
         if args.param in ("sink_head", "refresh_tail"):
             knobs[args.param] = bool(g)
-        rep = run_modes(lm, argparse.Namespace(**base, **knobs, mode=["reuse"]))["modes"]["reuse"]
+        config = replace(base, modes=("reuse",), pool=replace(base.pool, gamma=knobs["gamma"], tau=knobs["tau"]),
+                         reuse=replace(base.reuse, sink_head=knobs["sink_head"], refresh_tail=knobs["refresh_tail"]))
+        rep = run_modes(lm, config)["modes"]["reuse"]
         agree = agreement(wl, dense["items"], rep["items"])
         rows.append({**knobs, "accuracy": rep["accuracy"], "dense_accuracy": dense["accuracy"],
                      "reuse_rate": rep["reuse_rate"], "reuse_rate_after_warmup": rep["reuse_rate_after_warmup"],

@@ -27,13 +27,14 @@ from pathlib import Path
 
 import torch
 
-from kvcomm.agents import MultiAgentRunner
-from kvcomm.anchors import AnchorPool, KVBlock
-from kvcomm.generation import greedy_continue
-from kvcomm.models import load_model
-from kvcomm.reuse import Content, ReuseEngine, _add_offset, assemble, cache_to_block, forward, move
-from kvcomm.rope import rerotate
-from kvcomm.workloads import load_workload
+from kvcomm.agents.runner import MultiAgentRunner
+from kvcomm.agents.workloads import load_workload
+from kvcomm.core.generation import greedy_continue
+from kvcomm.core.kv import KVBlock, cache_to_block, move, prefill
+from kvcomm.core.models import load_model
+from kvcomm.core.rope import rerotate
+from kvcomm.reuse.anchors import AnchorPool
+from kvcomm.reuse.engine import Content, ReuseConfig, ReuseEngine, add_offset, assemble
 
 RESIDUALS = (0.05, 0.1, 0.2, 0.4)  # the a of the true×(1-a) rows
 
@@ -68,7 +69,7 @@ def main() -> None:
     lm = load_model(args.model)
     wl = load_workload("math", args.anchors + args.questions)
     pool = AnchorPool(gamma=1e9, tau=args.tau)  # no entropy gate: every question is matched
-    eng = ReuseEngine(lm, "reuse", pool=pool, max_new_tokens=args.max_new_tokens, sink_head=not args.no_sink_head)
+    eng = ReuseEngine(lm, "reuse", pool=pool, config=ReuseConfig(max_new_tokens=args.max_new_tokens, sink_head=not args.no_sink_head))
     agent = MultiAgentRunner(eng, wl, 5).templates[(0, 0)]
     tok = lm.tokenizer
 
@@ -88,7 +89,8 @@ def main() -> None:
     for it in wl.items[args.anchors :]:
         q = ids_of(it.question)
         ids, spans = agent.layout({"user_question": q})
-        logits, cache = forward(lm, ids)
+        logits, cache, _ = prefill(lm, ids)
+        logits = logits[0, -1]
         true = cache_to_block(cache, 0, len(ids))
         dense_reply = greedy_continue(lm, cache, logits, len(ids), args.max_new_tokens, eng.stops, feed_last=True)
         base, _ = eng.base_kv(Content(q))
@@ -107,9 +109,10 @@ def main() -> None:
         for r in RESIDUALS:
             offsets[f"true*(1-{r})"] = tuple(KVBlock(o.k * (1 - r), o.v * (1 - r)) for o in oracle)
         for name, (po, so) in offsets.items():
-            full = assemble(lm, tkv.p0, spans, [_add_offset(base, po), _add_offset(tkv.segments[0], so)])
+            full = assemble(lm, tkv.p0, spans, [add_offset(base, po), add_offset(tkv.segments[0], so)])
             t = sa if name.endswith("+tail") else len(ids) - 1  # +tail: the last segment is prefilled
-            lg, c2 = forward(lm, ids[t:], full.slice(0, t))
+            lg, c2, _ = prefill(lm, ids[t:], full.slice(0, t))
+            lg = lg[0, -1]
             if t < len(ids) - 1:
                 full = cache_to_block(c2, 0, len(ids))  # the assembled prefix, then the prefilled tail
             reply = greedy_continue(lm, c2, lg, len(ids), args.max_new_tokens, eng.stops, feed_last=True)

@@ -43,7 +43,7 @@ def tiny_config(arch: str = "llama", layers: int = 4, seed_rope: float = 10000.0
 def make_tiny(arch: str = "llama", seed: int = 0, layers: int = 4, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
-    from kvcomm.models import from_objects
+    from kvcomm.core.models import from_objects
 
     torch.manual_seed(seed)
     cfg = tiny_config(arch, layers)
@@ -75,7 +75,7 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def embedded():
-    from kvcomm.models import load_model
+    from kvcomm.core.models import load_model
 
     return load_model("embedded", progress=False)
 

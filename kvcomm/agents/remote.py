@@ -1,0 +1,309 @@
+"""Agents as Ray actors: the multi-agent runner and sender/receiver sharing across processes or machines.
+
+Layout (one data path, the same engine code as the single-process runner):
+
+  driver     `RayEngine`: the `MultiAgentRunner` drives it exactly as it drives a `ReuseEngine`.
+             It holds only the tokenizer; it never loads the model.
+  agents     one `AgentActor` per agent id, each with its own model copy and `ReuseEngine`
+             (CPU or GPU resources as configured).
+  pool       one `PoolActor` holding the `AnchorPool`, so every agent matches against, stages to and
+             commits to the same pool; commits still happen when a request finishes.
+
+What crosses actor boundaries is KV in the project's message format (`kvcomm.message`: safetensors
+bytes with the sender model's fingerprint), placed in Ray's object store. Every receiver decodes with
+full validation against its own model's fingerprint, so KV from a different model is refused, never
+mixed in. A reply's KV goes from the replying actor to the object store and straight to the next
+actor that needs it; the driver handles only object references and token ids.
+
+Faults:
+- an agent actor that dies is restarted by Ray (`max_restarts`) and the in-flight call is retried
+  (`max_task_retries`). The actor reloads the model; its cached template KV is recomputed. A retried
+  call may stage its anchor updates twice; staging is idempotent per (placeholder, content, agent), so
+  the pool's contents end the same. Greedy decoding is deterministic, so the answers are the same.
+  (One thing a retry can change: the interrupted attempt's matches also count as anchor uses, which
+  only matters later if the pool fills up and evicts by least use.)
+- if the pool actor is lost, `RemotePool` answers every match with "no anchor" and drops updates:
+  calls fall back to dense prefill (always correct), never to reuse with missing offsets.
+
+Ray is an optional extra (`pip install kvcomm[ray]`); nothing here imports it at module load.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from kvcomm.core.fingerprint import Fingerprint, fingerprint
+from kvcomm.core.kv import KVBlock
+from kvcomm.core.message import KVMessage, decode, encode
+from kvcomm.reuse.anchors import AgentDelta, Match, PoolConfig
+from kvcomm.reuse.engine import CallResult, Content, ReuseConfig, ReuseEngine
+
+log = logging.getLogger(__name__)
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        from kvcomm.core.errors import KVCommError
+
+        raise KVCommError("the Ray backend needs Ray: pip install 'kvcomm[ray]' (or bash scripts/install.sh ray)") from None
+    return ray
+
+
+# ---- KV on the wire ---------------------------------------------------------------------------------
+def block_to_bytes(block: KVBlock, fp: Fingerprint, kind: str = "kv") -> bytes:
+    """A KVBlock [layers, kv_heads, n, head_dim] as a validated-format message (all layers, positions from 0)."""
+    layers = block.k.shape[0]
+    msg = KVMessage(list(range(layers)), [block.k[i : i + 1] for i in range(layers)],
+                    [block.v[i : i + 1] for i in range(layers)], fp, 0, {"kind": kind})
+    return encode(msg)
+
+
+def block_from_bytes(data: bytes, fp: Fingerprint, device=None, dtype=None) -> KVBlock:
+    """Decode with every check of `kvcomm.message.decode`, including the model fingerprint."""
+    msg = decode(data, receiver=fp)
+    if msg.layers != list(range(fp.num_layers)):
+        from kvcomm.core.errors import ShapeMismatchError
+
+        raise ShapeMismatchError(f"a KV block must hold all {fp.num_layers} layers, got {len(msg.layers)}")
+    k, v = torch.cat(msg.keys, 0), torch.cat(msg.values, 0)
+    return KVBlock(k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype))
+
+
+# ---- the shared pool ----------------------------------------------------------------------------------
+class PoolActor:
+    """Holds the one AnchorPool; all tensors in and out travel as message bytes."""
+
+    def __init__(self, config: PoolConfig):
+        self.fp: Fingerprint | None = None
+        self.pool = config.build()
+
+    def register(self, fp_json: str) -> None:
+        """Each agent announces its model; the first fixes the pool's model, a different one is refused."""
+        fp = Fingerprint.from_json(fp_json)
+        if self.fp is None:
+            self.fp = fp
+        else:
+            self.fp.check_compatible(fp)
+
+    def match(self, name: str, agent_key: str, base: bytes):
+        m = self.pool.match(name, agent_key, block_from_bytes(base, self.fp))
+        if m is None:
+            return None
+        return (block_to_bytes(m.placeholder_offset, self.fp, "offset"), block_to_bytes(m.segment_offset, self.fp, "offset"),
+                m.weights.tolist(), m.entropy, m.anchors)
+
+    def stage(self, request: str, name: str, key: str, base: bytes, agent_key: str, dphi: bytes, dseg: bytes) -> None:
+        delta = AgentDelta(block_from_bytes(dphi, self.fp), block_from_bytes(dseg, self.fp))
+        self.pool.stage(request, name, key, block_from_bytes(base, self.fp), agent_key, delta)
+
+    def commit(self, request: str) -> None:
+        self.pool.commit(request)
+
+    def discard(self, request: str) -> None:
+        self.pool.discard(request)
+
+    def stats(self) -> dict:
+        return self.pool.stats().__dict__
+
+    def nbytes(self) -> int:
+        return self.pool.nbytes
+
+
+class RemotePool:
+    """The AnchorPool interface, backed by a PoolActor. If the actor is gone, every match is a miss
+    (dense fallback) and updates are dropped: losing the pool costs speed, never correctness."""
+
+    def __init__(self, actor, fp: Fingerprint, device=None, dtype=None):
+        self.actor, self.fp, self.device, self.dtype = actor, fp, device, dtype
+        self.lost = False
+
+    def _call(self, method: str, *args, wait: bool = True):
+        ray = _ray()
+        if self.lost:
+            return None
+        try:
+            ref = getattr(self.actor, method).remote(*args)
+            return ray.get(ref) if wait else ref
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+            self.lost = True
+            log.warning("anchor pool actor lost (%s); falling back to dense prefill", type(e).__name__)
+            return None
+
+    def match(self, name: str, agent_key: str, base: KVBlock) -> Match | None:
+        got = self._call("match", name, agent_key, block_to_bytes(base, self.fp))
+        if got is None:
+            return None
+        ph, seg, weights, entropy, anchors = got
+        return Match(block_from_bytes(ph, self.fp, self.device, self.dtype), block_from_bytes(seg, self.fp, self.device, self.dtype),
+                     torch.tensor(weights), entropy, anchors)
+
+    def stage(self, request, name: str, key: str, base: KVBlock, agent_key: str, delta: AgentDelta) -> None:
+        self._call("stage", request, name, key, block_to_bytes(base, self.fp), agent_key,
+                   block_to_bytes(delta.placeholder, self.fp), block_to_bytes(delta.segment, self.fp))
+
+    def commit(self, request) -> None:
+        self._call("commit", request)
+
+    def discard(self, request) -> None:
+        self._call("discard", request)
+
+    def stats(self) -> dict | None:
+        return self._call("stats")
+
+    @property
+    def nbytes(self) -> int:
+        return self._call("nbytes") or 0
+
+
+# ---- agents -----------------------------------------------------------------------------------------
+class AgentActor:
+    """One agent: its own model copy and ReuseEngine, with the shared pool behind a RemotePool."""
+
+    def __init__(self, model: str, mode: str, pool_actor, config: ReuseConfig, device: str | None = None,
+                 dtype: str | None = None):
+        import os
+
+        from kvcomm.core.models import load_model
+
+        self.lm = load_model(model, device=device, dtype=dtype, progress=False)
+        self.fp = fingerprint(self.lm.model, self.lm.tokenizer)
+        pool = RemotePool(pool_actor, self.fp, self.lm.device, self.lm.dtype)
+        self.engine = ReuseEngine(self.lm, mode, pool=pool, config=config)
+        self.pid = os.getpid()
+        pool._call("register", self.fp.to_json())
+
+    def info(self) -> dict:
+        return {"pid": self.pid, "fingerprint": self.fp.to_json(), "device": str(self.lm.device)}
+
+    def call(self, agent, contents: dict, request: str):
+        """contents: name -> (ids, message bytes or ObjectRef of them, or None). Returns (record, reply bytes)."""
+        ray = _ray()
+        refs = {name: src for name, (_, src) in contents.items() if isinstance(src, ray.ObjectRef)}
+        fetched = dict(zip(refs, ray.get(list(refs.values())))) if refs else {}
+        local = {}
+        for name, (ids, src) in contents.items():
+            data = fetched.get(name, src)
+            base = block_from_bytes(data, self.fp, self.lm.device, self.lm.dtype) if data is not None else None
+            local[name] = Content(list(ids), base)
+        res = self.engine.call(agent, local, request)
+        new_bases = {name: block_to_bytes(local[name].base, self.fp, "base")
+                     for name, (_, src) in contents.items() if src is None and local[name].base is not None}
+        record = {"agent": res.agent, "path": res.path, "reply_ids": res.reply_ids, "ttft_s": res.ttft_s,
+                  "total_s": res.total_s, "prompt_tokens": res.prompt_tokens, "prefilled_tokens": res.prefilled_tokens,
+                  "matched": res.matched, "new_bases": new_bases}
+        reply = block_to_bytes(res.reply.base, self.fp, "reply") if res.reply.base is not None else None
+        return record, reply
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where agent actors run. address None starts a local cluster; device/dtype None = each actor's default;
+    gpus_per_agent may be fractional (several agents share a GPU)."""
+
+    address: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    cpus_per_agent: float = 0.0
+    gpus_per_agent: float = 0.0
+    max_restarts: int = 3
+
+
+class RayEngine:
+    """Driver side: the `Engine` interface (call, pool, tokenizer) over Ray actors."""
+
+    def __init__(self, model: str, mode: str = "reuse", config: ReuseConfig = ReuseConfig(),
+                 pool: PoolConfig = PoolConfig(), cluster: RayConfig = RayConfig()):
+        from kvcomm.core.models import load_tokenizer
+
+        ray = _ray()
+        if not ray.is_initialized():
+            ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.WARNING, configure_logging=True)
+        self.model, self.mode, self.config, self.cluster = model, mode, config, cluster
+        self.tokenizer = load_tokenizer(model)
+        self.actor_options = {"num_cpus": cluster.cpus_per_agent, "num_gpus": cluster.gpus_per_agent,
+                              "max_restarts": cluster.max_restarts, "max_task_retries": cluster.max_restarts}
+        self.agents: dict[str, object] = {}
+        self._agent_cls = ray.remote(AgentActor)
+        self.pool_actor = ray.remote(PoolActor).options(num_cpus=0, max_restarts=0).remote(pool)
+        self.pool = RemotePool(self.pool_actor, None)  # the driver only commits, discards and reads stats
+
+    def _agent(self, agent_id: str):
+        actor = self.agents.get(agent_id)
+        if actor is None:
+            actor = self._agent_cls.options(**self.actor_options).remote(
+                self.model, self.mode, self.pool_actor, self.config, self.cluster.device, self.cluster.dtype)
+            self.agents[agent_id] = actor
+        return actor
+
+    def submit(self, agent, contents: dict[str, Content], request: str):
+        """Start one call on the agent's actor; returns (record ref, reply-KV ref)."""
+        payload = {name: (c.ids, c.remote) for name, c in contents.items()}
+        return self._agent(agent.agent_id).call.options(num_returns=2).remote(agent, payload, request)
+
+    def call(self, agent, contents: dict[str, Content], request=None) -> CallResult:
+        ray = _ray()
+        record_ref, reply_ref = self.submit(agent, contents, request or uuid.uuid4().hex)
+        rec = ray.get(record_ref)
+        for name, data in rec.pop("new_bases").items():
+            contents[name].remote = ray.put(data)  # later agents fetch the question's base KV from the store
+        reply = Content(list(rec["reply_ids"]), None, reply_ref if rec["reply_ids"] else None)
+        return CallResult(rec["agent"], rec["path"], rec["reply_ids"], reply, rec["ttft_s"], rec["total_s"],
+                          rec["prompt_tokens"], rec["prefilled_tokens"], rec["matched"])
+
+    def shutdown(self) -> None:
+        ray = _ray()
+        for actor in self.agents.values():
+            ray.kill(actor)
+        ray.kill(self.pool_actor)
+        self.agents.clear()
+
+    def start(self, agent_ids) -> None:
+        """Create (and load the model in) every agent's actor up front, so timings exclude start-up."""
+        _ray().get([self._agent(a).info.remote() for a in agent_ids])
+
+
+# ---- sender / receiver sharing ------------------------------------------------------------------------
+class ShareActor:
+    """A sender or receiver of selective KV sharing (same code for both roles)."""
+
+    def __init__(self, model: str, device: str | None = None, dtype: str | None = None):
+        from kvcomm.core.models import load_model
+
+        self.lm = load_model(model, device=device, dtype=dtype, progress=False)
+
+    def send(self, context: str, layers: list[int]) -> bytes:
+        from kvcomm.sharing.prompts import sender_ids
+        from kvcomm.sharing.send_receive import send
+
+        return encode(send(self.lm, sender_ids(self.lm.tokenizer, context), layers))
+
+    def answer(self, question: str, message: bytes, max_new_tokens: int = 32) -> dict:
+        from kvcomm.sharing.prompts import receiver_ids
+        from kvcomm.sharing.send_receive import generate
+
+        msg = decode(message, receiver=fingerprint(self.lm.model, self.lm.tokenizer))
+        gen = generate(self.lm, receiver_ids(self.lm.tokenizer, question), msg, max_new_tokens=max_new_tokens)
+        return {"text": gen.text, "token_ids": gen.token_ids, "ttft_s": gen.ttft_s, "bytes": len(message)}
+
+
+def share(model: str, context: str, question: str, layers: list[int], max_new_tokens: int = 32,
+          receiver_model: str | None = None, address: str | None = None, **actor_options) -> dict:
+    """Sender and receiver as two actors; the KV message goes through the object store, never the driver."""
+    ray = _ray()
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    cls = ray.remote(ShareActor).options(num_cpus=actor_options.get("num_cpus", 0), num_gpus=actor_options.get("num_gpus", 0))
+    sender, receiver = cls.remote(model), cls.remote(receiver_model or model)
+    try:
+        message_ref = sender.send.remote(context, layers)
+        return ray.get(receiver.answer.remote(question, message_ref, max_new_tokens))
+    finally:
+        ray.kill(sender)
+        ray.kill(receiver)

@@ -1,0 +1,89 @@
+"""`kvcomm agents`: a multi-agent workload in several execution modes (kvcomm.experiments.agents_report)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from kvcomm.cli.common import add_model_args, bounded, console, load, positive_int
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("agents", help="multi-agent workload in dense / prefix / reuse modes, side by side")
+    add_model_args(p)
+    p.add_argument("--workload", choices=["math", "coding", "retrieval"], default="math")
+    p.add_argument("--agents", type=bounded(int, 1, 16), default=5, help="number of agents (default 5)")
+    p.add_argument("--topology", choices=["fully_connected", "chain", "star"], default="fully_connected")
+    p.add_argument("--rounds", type=positive_int, default=1)
+    p.add_argument("--mode", action="append", choices=["dense", "prefix", "reuse"],
+                   help="execution mode; repeat to compare (default: dense and reuse)")
+    p.add_argument("--limit", type=positive_int, default=10, help="workload items (default 10)")
+    p.add_argument("--warmup", type=bounded(int, 0), default=2, help="items excluded from the after-warm-up reuse rate (default 2)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
+    p.add_argument("--gamma", type=bounded(float, 0.0, 1.0), default=0.3, help="entropy threshold γ (default 0.3)")
+    p.add_argument("--sink-head", action=argparse.BooleanOptionalAction, default=True,
+                   help="encode stand-alone contents (the question, tool results) after the chat template's "
+                        "agent-independent opening tokens (default); --no-sink-head encodes them alone, as the paper does")
+    p.add_argument("--refresh-tail", action=argparse.BooleanOptionalAction, default=False,
+                   help="on the reuse path, prefill the prompt's last template segment over the reused KV instead of "
+                        "estimating its offset (a few more tokens of prefill; not in the paper)")
+    p.add_argument("--tau", type=bounded(float, 0.0, lo_open=True), default=0.003, help="softmax temperature of anchor distances (default 0.003)")
+    p.add_argument("--max-anchors", type=positive_int, default=20, help="anchors per placeholder V (default 20)")
+    p.add_argument("--pool-bytes", type=positive_int, default=2 << 30, help="byte budget of the anchor pool")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--concurrency", type=positive_int, default=1,
+                   help="requests run at once (batches share one pool snapshot; outputs do not depend on it)")
+    p.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="local: one process; ray: one Ray actor per agent plus a pool actor")
+    p.add_argument("--address", help="Ray cluster address (default: start a local cluster)")
+    p.add_argument("--gpus-per-agent", type=bounded(float, 0.0), default=None,
+                   help="GPUs per agent actor (default: 1/agents when CUDA is visible, else 0)")
+    p.add_argument("--cpus-per-agent", type=bounded(float, 0.0), default=0.0,
+                   help="CPUs reserved per agent actor (default 0, so N agents fit on a small machine)")
+    p.add_argument("--out", default="runs/agents", help="output folder for JSON and plot")
+    p.set_defaults(func=cmd_agents)
+
+
+
+def config_of(args):
+    """The run's AgentsConfig (Ray's GPUs per agent default to 1/(agents+1) where CUDA is visible)."""
+    from kvcomm.agents.remote import RayConfig
+    from kvcomm.experiments.agents_report import AgentsConfig
+    from kvcomm.reuse.anchors import PoolConfig
+    from kvcomm.reuse.engine import ReuseConfig
+
+    cluster = None
+    if args.backend == "ray":
+        gpus = args.gpus_per_agent
+        if gpus is None:
+            import torch
+
+            gpus = 1.0 / (args.agents + 1) if torch.cuda.is_available() else 0.0
+        cluster = RayConfig(address=args.address, device=None if args.device == "auto" else args.device,
+                            dtype=None if args.dtype == "auto" else args.dtype, cpus_per_agent=args.cpus_per_agent,
+                            gpus_per_agent=gpus)
+    return AgentsConfig(model=args.model, workload=args.workload, agents=args.agents, topology=args.topology,
+                        rounds=args.rounds, modes=tuple(args.mode or ("dense", "reuse")), limit=args.limit,
+                        warmup=args.warmup, seed=args.seed, concurrency=args.concurrency,
+                        reuse=ReuseConfig(max_new_tokens=args.max_new_tokens, sink_head=args.sink_head,
+                                          refresh_tail=args.refresh_tail),
+                        pool=PoolConfig(max_anchors=args.max_anchors, byte_budget=args.pool_bytes, gamma=args.gamma,
+                                        tau=args.tau),
+                        cluster=cluster)
+
+
+def cmd_agents(args) -> int:
+    from kvcomm.core.files import write_atomic
+    from kvcomm.experiments.agents_report import plot_ttft, run_modes, summary_table
+
+    config = config_of(args)
+    lm = None if config.cluster is not None else load(args)
+    report = run_modes(lm, config)
+    out = Path(args.out)
+    write_atomic(out / "agents.json", json.dumps(report, indent=1, default=str))
+    plot_ttft(report, out / "agents_ttft.png", args.warmup)
+    term = console()
+    term.print(summary_table(report, args.warmup))
+    term.print(f"wrote {out / 'agents.json'} and {out / 'agents_ttft.png'}")
+    return 0

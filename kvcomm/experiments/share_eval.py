@@ -5,11 +5,15 @@ Methods (KVComm paper §4): `baseline` (question only), `skyline` (context + que
 `kvcomm` (attention importance + prior, calibrated once), `kvcomm-online` (recalibrated every T
 queries), `random` (seeded) and `contiguous` (the best-scoring contiguous chunk of the same size).
 
-Choices where the paper is silent, for a 135M model that answers in full sentences:
-- Every receiver prompt ends with `answer_prefix` ("The answer is:" by default) inside the reply, and
-  the answer scored is the reply's first line. Without it SmolLM2-135M writes "The Sydney Opera House
-  is located in Australia.", whose token F1 against "Australia" is 0.25, so the match rate would
-  measure verbosity, not recall. The raw reply is kept in the results.
+Choices where the paper is silent:
+- Prompts follow the paper's layout by default (`layout`, see `kvcomm.sharing.prompts`): the receiver
+  has its own complete chat prompt, asks for the answer only, and the rankings are calibrated in the
+  layout they serve. `layout="split"` with `answer_prefix="The answer is:"` and 12 tokens is the
+  earlier setting (the receiver continues Skyline's prompt).
+- Two scores per reply (`kvcomm.experiments.share_report`): `contains` (a gold answer occurs in the
+  reply) and the paper's token-F1 match on the reply's first line ("The Sydney Opera House is located
+  in Australia." scores F1 0.25 against "Australia": F1 alone measures verbosity). The answer budget is
+  32 tokens and every row records whether the reply hit it (`capped`). The raw reply is kept.
 - The static ranking per task is calibrated on one sample: for a generated task a held-out one
   (seed + 1000); for a user JSONL file its first item, which is also evaluated.
 - `kvcomm-online`: at every T-th query of a task (0, T, 2T, …) the sender sends all layers, the
@@ -34,18 +38,18 @@ from kvcomm.core.errors import DataError
 from kvcomm.core.files import write_atomic
 from kvcomm.core.fingerprint import fingerprint
 from kvcomm.core.kv import prefill_flops
-from kvcomm.experiments.metrics import exact_match, match, rouge_l_recall, token_f1
+from kvcomm.experiments.metrics import contains, exact_match, match, rouge_l_recall, token_f1
+from kvcomm.experiments.share_report import PLAIN_METHODS, read_results, summarise, write_report
 from kvcomm.experiments.tasks import generate as generate_task
 from kvcomm.sharing import baselines
-from kvcomm.sharing.prompts import baseline_ids, split_prompt
+from kvcomm.sharing.prompts import DEFAULT_LAYOUT, split_prompt
 from kvcomm.sharing.selection import METHODS as RATIO_METHODS
 from kvcomm.sharing.selection import Ranking, calibrate, layers_for
 from kvcomm.sharing.send_receive import generate, send
 
-PLAIN_METHODS = ("baseline", "skyline", "nld", "cipher", "ac-replace", "ac-mean", "ac-sum")
 DEFAULT_METHODS = ("baseline", "skyline", "nld", "cipher", "ac", "kvcomm", "kvcomm-online", "random", "contiguous")
 DEFAULT_TASKS = ("countries", "tipsheets", "twohop", "needle")
-ANSWER_PREFIX = "The answer is:"
+ANSWER_PREFIX = ""
 
 
 @dataclass(frozen=True)
@@ -56,8 +60,9 @@ class EvalConfig:
     methods            method names; 'ac' stands for its three modes
     ratios             layer ratios of the ratio methods (kvcomm, kvcomm-online, random, contiguous)
     limit              items per task
-    max_new_tokens     answer length cap
+    max_new_tokens     answer length cap (rows record whether a reply hit it: `capped`)
     answer_prefix      text that starts every reply (see the module docstring)
+    layout             prompt layout of sender, receiver, Skyline and Baseline (`kvcomm.sharing.prompts`)
     recalibrate_every  T of kvcomm-online
     summary_tokens     NLD / CIPHER message length
     ac_layer           AC's layer k = j (None: round(26/32 · layers))
@@ -69,8 +74,9 @@ class EvalConfig:
     ratios: tuple[float, ...] = (0.3, 0.5, 0.7)
     limit: int = 200
     seed: int = 0
-    max_new_tokens: int = 12
+    max_new_tokens: int = 32
     answer_prefix: str = ANSWER_PREFIX
+    layout: str = DEFAULT_LAYOUT
     recalibrate_every: int = 50
     summary_tokens: int = 48
     ac_layer: int | None = None
@@ -105,12 +111,13 @@ def method_names(methods: list[str], ratios: list[float]) -> list[str]:
     return names
 
 
-def task_ranking(lm, task: str, seed: int, out: Path, answer_prefix: str) -> Ranking:
+def task_ranking(lm, task: str, config: EvalConfig, out: Path) -> Ranking:
     path = out / "rankings" / f"{Path(task).stem}.json"
     if path.exists():
         return Ranking.load(path)
-    held_out = load_items(task, 1, seed + 1000)  # a JSONL file ignores the seed: its first item
-    ranking = calibrate(lm, [(held_out[0]["context"], held_out[0]["question"])], task=task, answer_prefix=answer_prefix)
+    held_out = load_items(task, 1, config.seed + 1000)  # a JSONL file ignores the seed: its first item
+    ranking = calibrate(lm, [(held_out[0]["context"], held_out[0]["question"])], task=task,
+                        answer_prefix=config.answer_prefix, layout=config.layout)
     ranking.save(path)
     return ranking
 
@@ -118,8 +125,8 @@ def task_ranking(lm, task: str, seed: int, out: Path, answer_prefix: str) -> Ran
 class OnlineRanking:
     """Rankings recalibrated every `every` queries of one task: mean Ŝ over queries 0, T, 2T, … ≤ i."""
 
-    def __init__(self, lm, items: list[dict], every: int, answer_prefix: str):
-        self.lm, self.items, self.every, self.answer_prefix = lm, items, every, answer_prefix
+    def __init__(self, lm, items: list[dict], config: EvalConfig):
+        self.lm, self.items, self.config, self.every = lm, items, config, config.recalibrate_every
         self._by_round: dict[int, Ranking] = {}
 
     def at(self, index: int) -> tuple[Ranking, bool]:
@@ -127,15 +134,17 @@ class OnlineRanking:
         rounds = index // self.every
         if rounds not in self._by_round:
             samples = [(it["context"], it["question"]) for it in self.items[: index + 1 : self.every]]
-            self._by_round[rounds] = calibrate(self.lm, samples, task="online", answer_prefix=self.answer_prefix)
+            self._by_round[rounds] = calibrate(self.lm, samples, task="online", answer_prefix=self.config.answer_prefix,
+                                               layout=self.config.layout)
         return self._by_round[rounds], index % self.every == 0
 
 
 class ItemState:
     """What several methods of one item share: the prompt split and the sender's all-layer message."""
 
-    def __init__(self, lm, item: dict, answer_prefix: str):
-        self.split = split_prompt(lm.tokenizer, item["context"], item["question"], answer_prefix=answer_prefix)
+    def __init__(self, lm, item: dict, config: EvalConfig):
+        self.split = split_prompt(lm.tokenizer, item["context"], item["question"], answer_prefix=config.answer_prefix,
+                                  layout=config.layout)
         self.lm, self.item, self._msg, self.send_s = lm, item, None, 0.0
 
     def message(self):
@@ -149,27 +158,28 @@ class ItemState:
 def run_item(lm, item: dict, method: str, ranking: Ranking | None, config: EvalConfig = EvalConfig(),
              state: ItemState | None = None, online: OnlineRanking | None = None) -> dict:
     """One (item, method): the receiver's answer, its scores and its costs, as one results row."""
-    answer_prefix, max_new_tokens, summary_tokens = config.answer_prefix, config.max_new_tokens, config.summary_tokens
+    prefix, max_new_tokens, summary_tokens, layout = (config.answer_prefix, config.max_new_tokens, config.summary_tokens,
+                                                      config.layout)
     name, _, ratio = method.partition("@")
-    state = state or ItemState(lm, item, answer_prefix)
+    state = state or ItemState(lm, item, config)
     split = state.split
     n_ctx, n_q = len(split.sender_ids), len(split.receiver_ids)
     ctx, question = item["context"], item["question"]
     cost = {"layers": [], "bytes": 0, "sender_flops": 0.0, "sender_s": 0.0, "message": ""}
     if name == "baseline":
-        gen = generate(lm, baseline_ids(lm.tokenizer, question, answer_prefix=answer_prefix), max_new_tokens=max_new_tokens)
+        gen = generate(lm, split.baseline_ids, max_new_tokens=max_new_tokens)
         cost["receiver_flops"] = prefill_flops(lm, gen.prompt_tokens)
     elif name == "skyline":
         gen = generate(lm, split.skyline_ids, max_new_tokens=max_new_tokens)
-        cost["receiver_flops"] = prefill_flops(lm, n_ctx + n_q)
+        cost["receiver_flops"] = prefill_flops(lm, len(split.skyline_ids))
     elif name == "nld":
-        gen, extra = baselines.nld(lm, ctx, question, max_new_tokens, summary_tokens, answer_prefix)
+        gen, extra = baselines.nld(lm, ctx, question, max_new_tokens, summary_tokens, prefix, layout=layout)
         cost.update(extra)
     elif name == "cipher":
-        gen, extra = baselines.cipher(lm, ctx, question, max_new_tokens, summary_tokens, answer_prefix)
+        gen, extra = baselines.cipher(lm, ctx, question, max_new_tokens, summary_tokens, prefix, layout=layout)
         cost.update(extra)
     elif name.startswith("ac-"):
-        gen, extra = baselines.ac(lm, ctx, question, name[3:], max_new_tokens, config.ac_layer, answer_prefix)
+        gen, extra = baselines.ac(lm, ctx, question, name[3:], max_new_tokens, config.ac_layer, prefix, layout=layout)
         cost.update(extra)
     else:
         recalibrated = False
@@ -185,7 +195,8 @@ def run_item(lm, item: dict, method: str, ranking: Ranking | None, config: EvalC
     answer, answers = (gen.text.splitlines() or [""])[0].strip(), item["answers"]
     return {"task": item["_task"], "id": item["id"], "method": method, "answer": answer, "reply": gen.text,
             "f1": token_f1(answer, answers), "match": match(answer, answers), "em": exact_match(answer, answers),
-            "rouge_l": rouge_l_recall(answer, answers), **cost, "ttft_ms": gen.ttft_s * 1e3,
+            "rouge_l": rouge_l_recall(answer, answers), "contains": contains(gen.text, answers),
+            "capped": len(gen.token_ids) >= max_new_tokens, **cost, "ttft_ms": gen.ttft_s * 1e3,
             "total_ms": gen.total_s * 1e3}
 
 
@@ -210,28 +221,6 @@ def check_run_settings(out: Path, settings: dict) -> None:
         write_atomic(path, json.dumps(settings, indent=1))
 
 
-def read_results(path: Path) -> dict:
-    """Finished rows keyed by (task, id, method). A torn last line (killed mid-write) is cut off the file."""
-    done: dict = {}
-    if not path.exists():
-        return done
-    good = 0
-    with open(path, "rb") as f:
-        for raw in f:
-            try:
-                row = json.loads(raw)
-            except ValueError:
-                break
-            if not raw.endswith(b"\n"):
-                break
-            done[(row["task"], row["id"], row["method"])] = row
-            good += len(raw)
-    if good != path.stat().st_size:
-        with open(path, "r+b") as f:
-            f.truncate(good)
-    return done
-
-
 def run_eval(lm, config: EvalConfig, out: Path, progress: bool = True) -> dict:
     """Run every (item, method) of `config` not yet in `out`/results.jsonl. `config.shard=(k, n)` runs
     only items whose index is k mod n, so n processes (or machines) can split a run; each result depends
@@ -244,7 +233,7 @@ def run_eval(lm, config: EvalConfig, out: Path, progress: bool = True) -> dict:
     check_run_settings(out, {"model": fingerprint(lm.model, lm.tokenizer).short, "dtype": str(lm.dtype).removeprefix("torch."),
                              "seed": c.seed, "max_new_tokens": c.max_new_tokens, "answer_prefix": c.answer_prefix,
                              "recalibrate_every": c.recalibrate_every, "summary_tokens": c.summary_tokens,
-                             "ac_layer": c.ac_layer})
+                             "ac_layer": c.ac_layer, "layout": c.layout})
     results_path = out / "results.jsonl"
     done = read_results(results_path)
     names = c.method_names()
@@ -252,8 +241,8 @@ def run_eval(lm, config: EvalConfig, out: Path, progress: bool = True) -> dict:
     for task in tasks:
         items = load_items(task, c.limit, c.seed)
         if any(m.partition("@")[0] in RATIO_METHODS for m in names):
-            rankings[task] = task_ranking(lm, task, c.seed, out, c.answer_prefix)
-        online[task] = OnlineRanking(lm, items, c.recalibrate_every, c.answer_prefix)
+            rankings[task] = task_ranking(lm, task, c, out)
+        online[task] = OnlineRanking(lm, items, c)
         per_task[task] = [dict(item, _task=task, _index=i) for i, item in enumerate(items)]
     # Item i of every task before item i + 1 of any: an interrupted run still gives a balanced table.
     k, n = c.shard
@@ -265,7 +254,7 @@ def run_eval(lm, config: EvalConfig, out: Path, progress: bool = True) -> dict:
     with open(results_path, "a") as f:
         for item, m in tqdm(todo, desc="eval", disable=not progress, unit="run"):
             if state is None or state.item is not item:
-                state = ItemState(lm, item, c.answer_prefix)
+                state = ItemState(lm, item, c)
             task = item["_task"]
             row = run_item(lm, item, m, rankings.get(task), c, state, online[task])
             f.write(json.dumps(row) + "\n")
@@ -273,117 +262,9 @@ def run_eval(lm, config: EvalConfig, out: Path, progress: bool = True) -> dict:
             done[(row["task"], row["id"], row["method"])] = row
     summary = summarise(list(done.values()), tasks, names)
     summary.update({"model": lm.name, "limit": c.limit, "seed": c.seed, "ran": len(todo), "resumed": skipped,
-                    "answer_prefix": c.answer_prefix, "recalibrate_every": c.recalibrate_every,
+                    "answer_prefix": c.answer_prefix, "recalibrate_every": c.recalibrate_every, "layout": c.layout,
+                    "max_new_tokens": c.max_new_tokens,
                     "ac_layer": baselines.ac_layer(lm.num_layers) if c.ac_layer is None else c.ac_layer,
                     "rankings": {t: r.raw for t, r in rankings.items()}})
-    write_atomic(out / "summary.json", json.dumps(summary, indent=1))
-    write_atomic(out / "table.md", markdown_table(summary))
-    plot(summary, out)
+    write_report(out, summary)
     return summary
-
-
-def report(out: Path, tasks: list[str], names: list[str]) -> dict:
-    """Summary, table and plot from `results.jsonl` as it stands (a partial run included), no model needed."""
-
-    rows = list(read_results(out / "results.jsonl").values())
-    if not rows:
-        raise DataError(f"{out / 'results.jsonl'} holds no finished results yet; run without --report-only first")
-    summary = summarise(rows, tasks, names)
-    rankings = {t: Ranking.load(out / "rankings" / f"{Path(t).stem}.json").raw for t in tasks
-                if (out / "rankings" / f"{Path(t).stem}.json").exists()}
-    counts = [c["n"] for cells in summary["table"].values() for c in cells.values()]
-    complete = len(counts) == len(tasks) * len(names) and len(set(counts)) == 1
-    # the model, as the calibrations recorded it (a file path shortened to its name)
-    models = {Path(Ranking.load(out / "rankings" / f"{Path(t).stem}.json").model).name for t in rankings} - {""}
-    summary.update({"rows": len(rows), "partial": not complete, "rankings": rankings, "model": ", ".join(sorted(models))})
-    write_atomic(out / "summary.json", json.dumps(summary, indent=1))
-    write_atomic(out / "table.md", markdown_table(summary))
-    plot(summary, out)
-    return summary
-
-
-def summarise(rows: list[dict], tasks: list[str], names: list[str]) -> dict:
-    table: dict = {}
-    for m in names:
-        table[m] = {}
-        for t in tasks:
-            sel = [r for r in rows if r["method"] == m and r["task"] == t]
-            if sel:
-                table[m][t] = {k: sum(float(r[k]) for r in sel) / len(sel) for k in ("match", "em", "f1", "rouge_l", "bytes",
-                                                                                     "sender_flops", "receiver_flops", "ttft_ms", "sender_s")}
-                table[m][t]["n"] = len(sel)
-    return {"tasks": tasks, "methods": names, "table": table}
-
-
-def markdown_table(summary: dict) -> str:
-    """Methods × tasks match rates (the paper's table), then mean costs per item over tasks."""
-    tasks, table = summary["tasks"], summary["table"]
-    lines = ["| method | " + " | ".join(Path(t).stem for t in tasks) + " | mean | bytes/item | sender GFLOP "
-             "| receiver GFLOP | sender ms | receiver TTFT ms |", "|---" * (len(tasks) + 7) + "|"]
-    for m in summary["methods"]:
-        cells = [table[m].get(t, {}).get("match") for t in tasks]
-        vals = [c for c in cells if c is not None]
-        rows = [table[m][t] for t in tasks if t in table[m]]
-        if not rows:
-            continue
-
-        def mean(key, rows=rows):
-            return sum(r.get(key, 0.0) for r in rows) / len(rows)
-
-        lines.append(f"| {m} | " + " | ".join("-" if c is None else f"{c:.2f}" for c in cells)
-                     + f" | {sum(vals) / len(vals):.2f} | {mean('bytes'):,.0f} | {mean('sender_flops') / 1e9:.2f} "
-                     f"| {mean('receiver_flops') / 1e9:.2f} | {mean('sender_s') * 1e3:.0f} | {mean('ttft_ms'):.0f} |")
-    n = {t: max((table[m][t]["n"] for m in table if t in table[m]), default=0) for t in tasks}
-    return ("\n".join(lines) + "\n\nmatch rate = share of answers with token F1 > 0.5 (the paper's 'F1'); items per task: "
-            + ", ".join(f"{Path(t).stem} {k}" for t, k in n.items()) + "\n")
-
-
-def plot(summary: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6), gridspec_kw={"width_ratios": [1.15, 1.15, 1]})
-    tasks, table = summary["tasks"], summary["table"]
-
-    def mean(m, key):
-        vals = [table[m][t][key] for t in tasks if t in table[m]]
-        return sum(vals) / len(vals) if vals else None
-
-    # One colour per method family in both panels; ratio methods that coincide (kvcomm and
-    # kvcomm-online often do) stay visible through different line styles and marker sizes.
-    colour = {m: f"C{i}" for i, m in enumerate(RATIO_METHODS + PLAIN_METHODS)}
-    style = {"kvcomm": ("-", 9), "kvcomm-online": ("--", 5), "random": ("-", 6), "contiguous": (":", 6)}
-    for base in RATIO_METHODS:
-        pts = sorted((float(m.split("@")[1]), mean(m, "match")) for m in summary["methods"]
-                     if m.startswith(base + "@") and mean(m, "match") is not None)
-        if pts:
-            ls, ms = style.get(base, ("-", 6))
-            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], ls=ls, marker="o", ms=ms, color=colour[base], label=base)
-    for i, m in enumerate(PLAIN_METHODS):
-        if m in table and mean(m, "match") is not None:
-            axes[0].axhline(mean(m, "match"), ls=("--", ":", "-.")[i % 3], color=colour[m], label=m, lw=1.2)
-    axes[0].set(xlabel="share of layers sent", ylabel="match rate (mean over tasks)", title="accuracy vs layer ratio")
-    axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    markers = {0: "o", 1: "s", 2: "^", 3: "D"}
-    ratios = sorted({m.split("@")[1] for m in summary["methods"] if "@" in m}, key=float)
-    for m in summary["methods"]:
-        if mean(m, "bytes"):
-            base, _, r = m.partition("@")
-            axes[1].scatter(mean(m, "bytes"), mean(m, "match"), color=colour[base], label=m, s=36,
-                            marker=markers.get(ratios.index(r) if r else 3, "o"), alpha=0.85)
-    axes[1].set(xscale="log", xlabel="bytes sent per item", ylabel="match rate", title="accuracy vs bytes")
-    if axes[1].collections:
-        axes[1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0), ncol=1)
-    for t, raw in summary.get("rankings", {}).items():
-        axes[2].plot(range(len(raw)), raw, marker=".", label=Path(t).stem)
-    axes[2].set(xlabel="layer", ylabel="attention importance Ŝ_l", title="per-layer importance (calibration)")
-    if summary.get("rankings"):
-        axes[2].legend(fontsize=8)
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"selective KV sharing on {summary.get('model', '')}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "eval.png", dpi=120)
-    plt.close(fig)

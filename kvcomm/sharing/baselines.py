@@ -31,7 +31,15 @@ import torch
 from kvcomm.core.generation import greedy_continue, stop_ids, sync
 from kvcomm.core.kv import ids_tensor, prefill, prefill_flops
 from kvcomm.core.models import LoadedModel
-from kvcomm.sharing.prompts import DEFAULT_SYSTEM, baseline_ids, encode, prompt_ids, split_prompt, split_text
+from kvcomm.sharing.prompts import (
+    DEFAULT_LAYOUT,
+    DEFAULT_SYSTEM,
+    encode,
+    prompt_ids,
+    skyline_text,
+    split_prompt,
+    split_text,
+)
 from kvcomm.sharing.send_receive import Generation, generate
 
 SUMMARY_REQUEST = "Summarise the following text in one sentence. Keep every name, place and number.\n\n{context}"
@@ -97,10 +105,10 @@ def summarise(lm: LoadedModel, context: str, summary_tokens: int) -> tuple[str, 
 
 
 def nld(lm: LoadedModel, context: str, question: str, max_new_tokens: int, summary_tokens: int = 48,
-        answer_prefix: str = "", system: str | None = DEFAULT_SYSTEM) -> tuple[Generation, dict]:
+        answer_prefix: str = "", system: str | None = DEFAULT_SYSTEM, layout: str = DEFAULT_LAYOUT) -> tuple[Generation, dict]:
     summary, n_prompt, toks, sender_s = summarise(lm, context, summary_tokens)
     n_sum = len(toks)
-    split = split_prompt(lm.tokenizer, summary, question, system, answer_prefix)
+    split = split_prompt(lm.tokenizer, summary, question, system, answer_prefix, layout)
     gen = generate(lm, split.skyline_ids, max_new_tokens=max_new_tokens)
     return gen, {"bytes": len(summary.encode()), "message": summary, "sender_s": sender_s,
                  "sender_flops": prefill_flops(lm, n_prompt) + prefill_flops(lm, n_sum, past=n_prompt),
@@ -135,12 +143,17 @@ def cipher_vectors(lm: LoadedModel, context: str, steps: int, temperature: float
 
 
 def cipher(lm: LoadedModel, context: str, question: str, max_new_tokens: int, summary_tokens: int = 48,
-           answer_prefix: str = "", system: str | None = DEFAULT_SYSTEM, temperature: float = 1.0) -> tuple[Generation, dict]:
+           answer_prefix: str = "", system: str | None = DEFAULT_SYSTEM, temperature: float = 1.0,
+           layout: str = DEFAULT_LAYOUT) -> tuple[Generation, dict]:
     vectors, n_prompt, sender_s = cipher_vectors(lm, context, summary_tokens, temperature)
     # The receiver's prompt is Skyline's with the summary tokens replaced by the CIPHER vectors.
-    sender_text, receiver_text = split_text(lm.tokenizer, _MARK, question, system, answer_prefix)
-    before, after = sender_text.split(_MARK)
-    head, tail = encode(lm.tokenizer, before), encode(lm.tokenizer, after) + encode(lm.tokenizer, receiver_text)
+    if layout == "split":  # Skyline's ids are the sender's and the receiver's, each tokenized alone
+        sender_text, receiver_text = split_text(lm.tokenizer, _MARK, question, system, answer_prefix)
+        before, after = sender_text.split(_MARK)
+        head, tail = encode(lm.tokenizer, before), encode(lm.tokenizer, after) + encode(lm.tokenizer, receiver_text)
+    else:
+        before, after = skyline_text(lm.tokenizer, _MARK, question, system, answer_prefix, layout).split(_MARK)
+        head, tail = encode(lm.tokenizer, before), encode(lm.tokenizer, after)
     embeds = torch.cat([_embed(lm, head)[0], vectors.to(lm.dtype), _embed(lm, tail)[0]]).unsqueeze(0)
     gen = generate_from_embeds(lm, embeds, max_new_tokens)
     n, vocab = len(vectors), lm.config.vocab_size
@@ -170,13 +183,13 @@ def sender_activation(lm: LoadedModel, ids, layer: int) -> tuple[torch.Tensor, f
 
 
 def ac(lm: LoadedModel, context: str, question: str, mode: str, max_new_tokens: int, layer: int | None = None,
-       answer_prefix: str = "", system: str | None = DEFAULT_SYSTEM) -> tuple[Generation, dict]:
+       answer_prefix: str = "", system: str | None = DEFAULT_SYSTEM, layout: str = DEFAULT_LAYOUT) -> tuple[Generation, dict]:
     if mode not in AC_MODES:
         raise ValueError(f"AC mode must be one of {AC_MODES}, got {mode!r}")
     layer = ac_layer(lm.num_layers) if layer is None else layer
-    split = split_prompt(lm.tokenizer, context, question, system, answer_prefix)
+    split = split_prompt(lm.tokenizer, context, question, system, answer_prefix, layout)
     h_sender, sender_s = sender_activation(lm, split.sender_ids, layer)
-    receiver = baseline_ids(lm.tokenizer, question, system, answer_prefix)
+    receiver = split.baseline_ids
     gen = ac_generate(lm, receiver, h_sender, layer, mode, max_new_tokens)
     return gen, {"bytes": _wire_bytes(lm, 1), "message": f"layer {layer}", "sender_s": sender_s,
                  "sender_flops": prefill_flops(lm, len(split.sender_ids)), "receiver_flops": prefill_flops(lm, len(receiver))}

@@ -1,11 +1,22 @@
-"""Prompts for sender, receiver, Skyline and Baseline, built so that sender + receiver == Skyline.
+"""Prompts of selective sharing: what the sender reads, what the receiver reads, Skyline and Baseline.
 
-The Skyline prompt is the model's chat template applied to one user turn "<context>\\n\\n<question>".
-We render it with marker strings, cut the rendered text where the question begins, and tokenize the
-two halves separately. The sender prefills the first half (it never sees the question); the receiver
-the second. Skyline is defined as the *concatenation of those token lists*, so the sender's tokens are
-an exact prefix of Skyline's and sharing all layers reproduces Skyline exactly (a tested property).
-Models without a chat template use "Context: ...\\n\\nQuestion: ...\\nAnswer:".
+Two layouts, an explicit choice (`layout=`):
+
+  paper  (default) the paper's and its code's layout (KVComm §3.1, App. K). The sender reads its own
+         chat prompt, a finished user turn "Context: <C>"; the receiver reads its own *complete* chat
+         prompt "Question: <Q>" plus the short-answer instruction and the assistant header, its
+         positions continuing after the sender's. So in a layer without the sender's KV the receiver
+         still has a chat head (its attention sink) and a whole prompt. Skyline is one chat prompt
+         holding context, question and instruction; Baseline is the receiver's prompt alone.
+         Sharing every layer equals a dense prefill of [sender tokens; receiver tokens] (tested).
+  split  Skyline's chat prompt "<C>\\n\\n<Q>" cut where the question begins: the sender prefills the
+         first half, the receiver the rest, so sender + receiver tokens *are* Skyline's and sharing
+         every layer reproduces Skyline exactly (tested). The receiver's tokens have no chat head.
+
+The short-answer instruction is LongBench's (whose QA tasks the paper evaluates): the receiver is
+asked for the answer only, so a reply is scored on recall, not verbosity. Every text part is
+tokenized separately (no special tokens added: the chat template has rendered them), so boundaries
+never depend on the content. Models without a chat template use plain "Context: …/Question: …/Answer:".
 """
 
 from __future__ import annotations
@@ -14,23 +25,31 @@ from dataclasses import dataclass
 
 _C, _Q = "\x00KVCOMM_CONTEXT\x00", "\x00KVCOMM_QUESTION\x00"
 DEFAULT_SYSTEM = "Answer the question with a few words, using the context if one is given."
+SHORT_ANSWER = "Only give me the answer and do not output any other words."
+LAYOUTS = ("paper", "split")
+DEFAULT_LAYOUT = "paper"
 
 
 @dataclass
-class SplitPrompt:
+class SharePrompt:
+    """Token ids of one (context, question) in one layout."""
+
     sender_ids: list[int]
     receiver_ids: list[int]
+    skyline_ids: list[int]
+    baseline_ids: list[int]
+    layout: str
 
-    @property
-    def skyline_ids(self) -> list[int]:
-        return self.sender_ids + self.receiver_ids
+
+def _chat(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
 
 
-def _render(tokenizer, user: str, system: str | None) -> str:
-    if getattr(tokenizer, "chat_template", None):
+def _render(tokenizer, user: str, system: str | None, generation: bool = True) -> str:
+    if _chat(tokenizer):
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return f"{system + chr(10) if system else ''}{user}\nAnswer:"
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+    return f"{system + chr(10) if system else ''}{user}" + ("\nAnswer:" if generation else "\n\n")
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -38,39 +57,62 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _body(context: str, question: str, chat: bool) -> str:
-    return f"{context}\n\n{question}" if chat else f"Context: {context}\n\nQuestion: {question}"
+def _check(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def _question(question: str) -> str:
+    return f"Question: {question}\n{SHORT_ANSWER}"
+
+
+def skyline_text(tokenizer, context: str, question: str, system: str | None = DEFAULT_SYSTEM, answer_prefix: str = "",
+                 layout: str = DEFAULT_LAYOUT) -> str:
+    """The rendered Skyline prompt: one prompt holding context and question."""
+    _check(layout)
+    if layout == "split":
+        sender, receiver = split_text(tokenizer, context, question, system, answer_prefix)
+        return sender + receiver
+    return _render(tokenizer, f"Context: {context}\n\n{_question(question)}", system) + answer_prefix
 
 
 def split_text(tokenizer, context: str, question: str, system: str | None = DEFAULT_SYSTEM,
                answer_prefix: str = "") -> tuple[str, str]:
-    """The rendered Skyline prompt cut where the question begins: (sender text, receiver text)."""
-    chat = bool(getattr(tokenizer, "chat_template", None))
-    text = _render(tokenizer, _body(_C, _Q, chat), system)
-    cut = text.index(_Q)
-    if not chat:
-        cut = text.index("Question: " + _Q)
+    """The `split` layout: the rendered Skyline prompt cut where the question begins (sender, receiver text)."""
+    chat = _chat(tokenizer)
+    body = f"{_C}\n\n{_Q}" if chat else f"Context: {_C}\n\nQuestion: {_Q}"
+    text = _render(tokenizer, body, system)
+    cut = text.index(_Q) if chat else text.index("Question: " + _Q)
     return text[:cut].replace(_C, context), text[cut:].replace(_Q, question) + answer_prefix
 
 
 def split_prompt(tokenizer, context: str, question: str, system: str | None = DEFAULT_SYSTEM,
-                 answer_prefix: str = "") -> SplitPrompt:
-    """`answer_prefix` starts the reply (e.g. "The answer is:"), so small models answer in a few words."""
-    sender_text, receiver_text = split_text(tokenizer, context, question, system, answer_prefix)
-    return SplitPrompt(encode(tokenizer, sender_text), encode(tokenizer, receiver_text))
+                 answer_prefix: str = "", layout: str = DEFAULT_LAYOUT) -> SharePrompt:
+    """Sender, receiver, Skyline and Baseline ids. `answer_prefix` starts the reply (e.g. "The answer is:")."""
+    _check(layout)
+    if layout == "split":
+        sender_text, receiver_text = split_text(tokenizer, context, question, system, answer_prefix)
+        sender, receiver = encode(tokenizer, sender_text), encode(tokenizer, receiver_text)
+        baseline = encode(tokenizer, _render(tokenizer, question, system) + answer_prefix)
+        return SharePrompt(sender, receiver, sender + receiver, baseline, layout)
+    sender = encode(tokenizer, _render(tokenizer, f"Context: {context}", system, generation=False))
+    receiver = encode(tokenizer, _render(tokenizer, _question(question), system) + answer_prefix)
+    skyline = encode(tokenizer, skyline_text(tokenizer, context, question, system, answer_prefix, layout))
+    return SharePrompt(sender, receiver, skyline, receiver, layout)
 
 
-def sender_ids(tokenizer, context: str, system: str | None = DEFAULT_SYSTEM) -> list[int]:
-    return split_prompt(tokenizer, context, "?", system).sender_ids
+def sender_ids(tokenizer, context: str, system: str | None = DEFAULT_SYSTEM, layout: str = DEFAULT_LAYOUT) -> list[int]:
+    return split_prompt(tokenizer, context, "?", system, layout=layout).sender_ids
 
 
-def receiver_ids(tokenizer, question: str, system: str | None = DEFAULT_SYSTEM) -> list[int]:
-    return split_prompt(tokenizer, "", question, system).receiver_ids
+def receiver_ids(tokenizer, question: str, system: str | None = DEFAULT_SYSTEM, layout: str = DEFAULT_LAYOUT) -> list[int]:
+    return split_prompt(tokenizer, "", question, system, layout=layout).receiver_ids
 
 
-def baseline_ids(tokenizer, question: str, system: str | None = DEFAULT_SYSTEM, answer_prefix: str = "") -> list[int]:
+def baseline_ids(tokenizer, question: str, system: str | None = DEFAULT_SYSTEM, answer_prefix: str = "",
+                 layout: str = DEFAULT_LAYOUT) -> list[int]:
     """The receiver alone: the question with no context at all."""
-    return encode(tokenizer, _render(tokenizer, question, system) + answer_prefix)
+    return split_prompt(tokenizer, "", question, system, answer_prefix, layout).baseline_ids
 
 
 def prompt_ids(tokenizer, user: str, system: str | None = DEFAULT_SYSTEM) -> list[int]:

@@ -28,7 +28,7 @@ from kvcomm.core.errors import DataError
 from kvcomm.core.files import write_atomic
 from kvcomm.core.fingerprint import fingerprint
 from kvcomm.core.models import LoadedModel, cache_dir
-from kvcomm.sharing.prompts import split_prompt
+from kvcomm.sharing.prompts import DEFAULT_LAYOUT, split_prompt
 from kvcomm.sharing.send_receive import receive_prefill, send
 
 ALPHA_BY_FAMILY = {"llama": 1.0, "mistral": 1.0, "qwen2": 0.8, "qwen3": 0.8, "falcon": 0.8}
@@ -66,6 +66,7 @@ class Ranking:
     samples: int
     model: str = ""
     task: str = ""
+    layout: str = DEFAULT_LAYOUT  # the prompt layout it was calibrated with, and serves
 
     @property
     def num_layers(self) -> int:
@@ -92,19 +93,25 @@ class Ranking:
 
 
 @torch.no_grad()
-def attention_importance(lm: LoadedModel, samples: list[tuple[str, str]], progress: bool = False,
-                         answer_prefix: str = "") -> torch.Tensor:
-    """Ŝ_l averaged over (context, question) samples, sender KV in every layer."""
+def importance_per_sample(lm: LoadedModel, samples: list[tuple[str, str]], progress: bool = False,
+                          answer_prefix: str = "", layout: str = DEFAULT_LAYOUT) -> torch.Tensor:
+    """Ŝ_l of each (context, question) sample, sender KV in every layer: [samples, layers]."""
     from tqdm.auto import tqdm
 
-    total = torch.zeros(lm.num_layers, dtype=torch.float64)
+    rows = []
     for context, question in tqdm(samples, desc="calibrating", disable=not progress, unit="sample"):
-        split = split_prompt(lm.tokenizer, context, question, answer_prefix=answer_prefix)
+        split = split_prompt(lm.tokenizer, context, question, answer_prefix=answer_prefix, layout=layout)
         msg = send(lm, split.sender_ids)
         rec = ImportanceRecorder(lm.num_layers, context_len=msg.seq_len)
         receive_prefill(lm, split.receiver_ids, [msg], recorder=rec)
-        total += rec.scores()
-    return total / max(1, len(samples))
+        rows.append(rec.scores())
+    return torch.stack(rows) if rows else torch.zeros(0, lm.num_layers, dtype=torch.float64)
+
+
+def attention_importance(lm: LoadedModel, samples: list[tuple[str, str]], progress: bool = False,
+                         answer_prefix: str = "", layout: str = DEFAULT_LAYOUT) -> torch.Tensor:
+    """Ŝ_l averaged over (context, question) samples, sender KV in every layer."""
+    return importance_per_sample(lm, samples, progress, answer_prefix, layout).mean(0)
 
 
 def calibrate(
@@ -116,26 +123,30 @@ def calibrate(
     task: str = "",
     progress: bool = False,
     answer_prefix: str = "",
+    layout: str = DEFAULT_LAYOUT,
 ) -> Ranking:
+    """The ranking of `samples` in the prompt `layout` it will serve (α by model family when None)."""
     if not samples:
         raise ValueError("calibration needs at least one (context, question) sample")
-    raw = attention_importance(lm, samples, progress, answer_prefix)
+    raw = attention_importance(lm, samples, progress, answer_prefix, layout)
     alpha = default_alpha(lm.config.model_type) if alpha is None else alpha
-    return Ranking(raw.tolist(), alpha, lm.num_layers / 2 if mu is None else mu, sigma, len(samples), lm.name, task)
+    return Ranking(raw.tolist(), alpha, lm.num_layers / 2 if mu is None else mu, sigma, len(samples), lm.name, task,
+                   layout)
 
 
-def ranking_path(lm: LoadedModel, task: str) -> Path:
+def ranking_path(lm: LoadedModel, task: str, layout: str = DEFAULT_LAYOUT) -> Path:
     fp = fingerprint(lm.model, lm.tokenizer)
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in task) or "default"
-    return cache_dir() / "rankings" / f"{fp.architecture}-{fp.weights_digest[:12]}" / f"{safe}.json"
+    return cache_dir() / "rankings" / f"{fp.architecture}-{fp.weights_digest[:12]}" / f"{safe}.{layout}.json"
 
 
-def cached_ranking(lm: LoadedModel, task: str, samples: list[tuple[str, str]], progress: bool = False, **kw) -> Ranking:
-    """Load the saved ranking for (model, task), calibrating and saving it the first time."""
-    path = ranking_path(lm, task)
+def cached_ranking(lm: LoadedModel, task: str, samples: list[tuple[str, str]], progress: bool = False,
+                   layout: str = DEFAULT_LAYOUT, **kw) -> Ranking:
+    """Load the saved ranking for (model, task, layout), calibrating and saving it the first time."""
+    path = ranking_path(lm, task, layout)
     if path.exists():
         return Ranking.load(path)
-    ranking = calibrate(lm, samples, task=task, progress=progress, **kw)
+    ranking = calibrate(lm, samples, task=task, progress=progress, layout=layout, **kw)
     ranking.save(path)
     return ranking
 
@@ -193,6 +204,7 @@ class Selection:
     layers       explicit list such as "0,3,10-14" (overrides method and ratio)
     method       kvcomm (attention importance + prior), random or contiguous (best chunk of the ranking)
     calibration  JSONL of calibration samples; None = the two built-in samples
+    layout       the prompt layout the ranking is calibrated for (`kvcomm.sharing.prompts`)
     """
 
     ratio: float = 0.5
@@ -201,6 +213,7 @@ class Selection:
     task: str = "default"
     calibration: str | None = None
     seed: int = 0
+    layout: str = DEFAULT_LAYOUT
 
 
 def calibration_samples(path: str | None = None) -> list[tuple[str, str]]:
@@ -215,7 +228,8 @@ def choose_layers(lm: LoadedModel, selection: Selection, progress: bool = True) 
         return parse_layers(selection.layers, lm.num_layers), "explicit"
     ranking = None
     if needs_ranking(selection.method):
-        ranking = cached_ranking(lm, selection.task, calibration_samples(selection.calibration), progress=progress)
+        ranking = cached_ranking(lm, selection.task, calibration_samples(selection.calibration), progress=progress,
+                                 layout=selection.layout)
     return layers_for(selection.method, selection.ratio, lm.num_layers, ranking, selection.seed), selection.method
 
 

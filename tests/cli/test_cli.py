@@ -69,7 +69,7 @@ def test_share_with_calibration(tiny_dir, cache, capsys):
                  "--json", "--max-new-tokens", "2"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(res["layers"]) == 2 and res["bytes_sent"] > 0 and res["selection"] == "kvcomm"
-    assert list(cache.glob("rankings/*/default.json"))  # saved for reuse
+    assert list(cache.glob("rankings/*/default.paper.json"))  # saved for reuse, per prompt layout
 
 
 @pytest.fixture(scope="module")

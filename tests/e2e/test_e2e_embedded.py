@@ -9,20 +9,25 @@ import pytest
 import torch
 
 from kvcomm.cli.share import DEMO_CONTEXT, DEMO_QUESTION
-from kvcomm.sharing.prompts import baseline_ids, split_prompt
+from kvcomm.sharing.prompts import split_prompt
 from kvcomm.sharing.selection import calibrate
 from kvcomm.sharing.send_receive import generate, receive_prefill, send
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-def test_all_layers_reproduce_skyline_on_the_real_model(embedded):
-    split = split_prompt(embedded.tokenizer, DEMO_CONTEXT, DEMO_QUESTION)
+@pytest.mark.parametrize("layout", ["paper", "split"])
+def test_all_layers_equal_a_dense_prefill_on_the_real_model(embedded, layout):
+    """Every layer shared = dense prefill of [sender; receiver] (for the split layout that is Skyline)."""
+    split = split_prompt(embedded.tokenizer, DEMO_CONTEXT, DEMO_QUESTION, layout=layout)
+    whole = split.sender_ids + split.receiver_ids
+    if layout == "split":
+        assert whole == split.skyline_ids
     logits = receive_prefill(embedded, split.receiver_ids, [send(embedded, split.sender_ids)], all_logits=True)[0][0]
-    ref = embedded.model(input_ids=torch.tensor([split.skyline_ids])).logits[0, len(split.sender_ids):]
+    ref = embedded.model(input_ids=torch.tensor([whole])).logits[0, len(split.sender_ids):]
     torch.testing.assert_close(logits, ref, atol=2e-3, rtol=1e-3)
     shared = generate(embedded, split.receiver_ids, send(embedded, split.sender_ids), max_new_tokens=16)
-    assert shared.token_ids == generate(embedded, split.skyline_ids, max_new_tokens=16).token_ids
+    assert shared.token_ids == generate(embedded, whole, max_new_tokens=16).token_ids
 
 
 def test_half_the_layers_answer_what_baseline_cannot(embedded):
@@ -32,7 +37,7 @@ def test_half_the_layers_answer_what_baseline_cannot(embedded):
     assert len(layers) <= embedded.num_layers // 2
     split = split_prompt(embedded.tokenizer, DEMO_CONTEXT, DEMO_QUESTION)
     kv = generate(embedded, split.receiver_ids, send(embedded, split.sender_ids, layers), max_new_tokens=24)
-    base = generate(embedded, baseline_ids(embedded.tokenizer, DEMO_QUESTION), max_new_tokens=24)
+    base = generate(embedded, split.baseline_ids, max_new_tokens=24)
     assert "United States" in kv.text
     assert "United States" not in base.text
 

@@ -182,27 +182,27 @@ def quantize(x: torch.Tensor, precision: str, group_size: int = DEFAULT_GROUP_SI
     if x.dim() < 2:
         raise ValueError(f"quantize needs a tensor [..., tokens, channels], got shape {tuple(x.shape)}")
     xf = x.detach().float()
-    if not torch.isfinite(xf).all():
-        raise ValueError("cannot quantize KV that holds NaN or Inf")
     dim, n, _ = _span(x.shape, group_size, axis)
     groups, gdim = _grouped(xf, group_size, axis)
+    lo, hi = groups.aminmax(dim=gdim, keepdim=True) if groups.numel() else (groups.sum(gdim, True),) * 2
     zero = None
     if precision == "int4":
-        lo, hi = groups.amin(gdim, keepdim=True), groups.amax(gdim, keepdim=True)
         zero = _half_down(lo)
         scale = _half_up(((hi - zero.float()) / 15).clamp_min(MIN_SCALE))
-        q = ((groups - zero.float()) / scale.float()).round_().clamp_(0, 15).to(torch.uint8)
+        q = groups.sub(zero.float()).div_(scale.float()).round_().clamp_(0, 15).to(torch.uint8)
     else:
-        amax = groups.abs().amax(gdim, keepdim=True)
-        scale = _half_up((amax / _QMAX[precision]).clamp_min(MIN_SCALE))
+        scale = _half_up((torch.maximum(-lo, hi) / _QMAX[precision]).clamp_min(MIN_SCALE))
         q = groups / scale.float()
         if precision == "int8":
             q = q.round_().clamp_(-127, 127).to(torch.int8)
         else:
             q = q.clamp_(-448, 448).to(torch.float8_e4m3fn)
+    # NaN/Inf in x reach the scales (min/max propagate them), so checking the small scale tensors suffices
     if not torch.isfinite(scale).all() or (zero is not None and not torch.isfinite(zero).all()):
-        big = float(xf.abs().max()) if xf.numel() else 0.0
-        raise ValueError(f"KV magnitude {big:.3g} is beyond what {precision} scales (float16) hold; send as bf16 or fp32")
+        if not torch.isfinite(xf).all():
+            raise ValueError("cannot quantize KV that holds NaN or Inf")
+        raise ValueError(f"KV magnitude {float(xf.abs().max()):.3g} is beyond what {precision} scales (float16) "
+                         "hold; send as bf16 or fp32")
     codes = _ungrouped(q, n, axis)
     if precision == "int4":
         codes = pack_int4(codes)

@@ -64,3 +64,12 @@ def test_share_reports_the_bytes_of_the_chosen_precision(tiny_dir, cache, capsys
         assert res["precision"] == precision
         sizes[precision] = res["bytes_sent"]
     assert sizes["int8"] < sizes["fp32"]
+
+
+def test_agents_offset_precision_reaches_the_pool_config():
+    from kvcomm.cli.agents import config_of
+    from kvcomm.cli.main import build_parser
+
+    args = build_parser().parse_args(["agents", "--offset-precision", "int8"])
+    assert config_of(args).pool.offset_precision == "int8"
+    assert config_of(build_parser().parse_args(["agents"])).pool.offset_precision is None

@@ -164,10 +164,9 @@ def encode(msg: KVMessage, precision: str | None = None, group_size: int | None 
             if precision in DENSE:
                 tensors[f"{kind}.{layer}"] = t.to("cpu", DENSE[precision]).contiguous()
                 continue
-            q = quantize(t, precision, g, _KV_AXIS[kind])
-            for part, name in (("codes", f"{kind}.{layer}"), ("scale", f"{kind}_scale.{layer}"), ("zero", f"{kind}_zero.{layer}")):
-                if part in q.parts():
-                    tensors[name] = q.parts()[part].to("cpu").contiguous()
+            names = {"codes": f"{kind}.{layer}", "scale": f"{kind}_scale.{layer}", "zero": f"{kind}_zero.{layer}"}
+            for part, x in quantize(t, precision, g, _KV_AXIS[kind]).parts().items():
+                tensors[names[part]] = x.to("cpu").contiguous()
     metadata = {
         "format": FORMAT,
         "version": VERSION,

@@ -31,6 +31,9 @@ def add_parser(sub) -> None:
     p.add_argument("--tau", type=bounded(float, 0.0, lo_open=True), default=0.003, help="softmax temperature of anchor distances (default 0.003)")
     p.add_argument("--max-anchors", type=positive_int, default=20, help="anchors per placeholder V (default 20)")
     p.add_argument("--pool-bytes", type=positive_int, default=2 << 30, help="byte budget of the anchor pool")
+    p.add_argument("--offset-precision", choices=["bf16", "fp16", "fp32", "fp8", "int8", "int4"],
+                   help="store the anchors' offsets compressed (fp8/int8/int4 quantized, as KV messages) or cast "
+                        "(default: as computed); the byte budget counts the stored size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--concurrency", type=positive_int, default=1,
                    help="requests run at once (batches share one pool snapshot; outputs do not depend on it)")
@@ -69,7 +72,7 @@ def config_of(args):
                         reuse=ReuseConfig(max_new_tokens=args.max_new_tokens, sink_head=args.sink_head,
                                           refresh_tail=args.refresh_tail),
                         pool=PoolConfig(max_anchors=args.max_anchors, byte_budget=args.pool_bytes, gamma=args.gamma,
-                                        tau=args.tau),
+                                        tau=args.tau, offset_precision=args.offset_precision),
                         cluster=cluster)
 
 

@@ -32,6 +32,22 @@ def add_selection_args(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for --selection random")
 
 
+def add_precision_args(p, what: str) -> None:
+    from kvcomm.core.quant import DEFAULT_GROUP_SIZE, PRECISIONS
+
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help=f"how {what} the KV: bf16/fp16/fp32 as is, fp8/int8/int4 quantized with scales "
+                        "(default: the model's dtype, as is)")
+    p.add_argument("--group-size", type=positive_int,
+                   help=f"fp8/int8/int4: tokens per key group and channels per value group (default {DEFAULT_GROUP_SIZE})")
+
+
+def check_precision_args(args) -> None:
+    if args.group_size is not None and args.precision not in ("fp8", "int8", "int4"):
+        raise KVCommError(f"--group-size applies to --precision fp8, int8 or int4, not {args.precision or 'the default'}; "
+                          "drop --group-size or pick a quantized precision")
+
+
 def selection_of(args):
     from kvcomm.sharing.selection import Selection
 
@@ -77,13 +93,18 @@ def cmd_share(args) -> int:
     from kvcomm.sharing.selection import choose_layers
     from kvcomm.sharing.send_receive import generate, send
 
+    check_precision_args(args)
     context, question = text_arg(args.context), text_arg(args.question)
     lm = load(args)
     layers, how = choose_layers(lm, selection_of(args))
     split = split_prompt(lm.tokenizer, context, question, layout=args.layout)
     msg = send(lm, split.sender_ids, layers)
+    if args.precision:  # what the receiver would decode from a message at this precision
+        msg = msg.quantized(args.precision, args.group_size)
     gen = generate(lm, split.receiver_ids, msg, max_new_tokens=args.max_new_tokens)
-    result = {"answer": gen.text, "layers": layers, "selection": how, "bytes_sent": msg.payload_bytes,
+    result = {"answer": gen.text, "layers": layers, "selection": how,
+              "bytes_sent": msg.wire_bytes if args.precision else msg.payload_bytes,
+              "precision": msg.precision or str(msg.dtype).removeprefix("torch."),
               "context_tokens": msg.seq_len, "ttft_ms": round(gen.ttft_s * 1e3, 2), "total_ms": round(gen.total_s * 1e3, 2)}
     if args.json:
         print(json.dumps(result))
@@ -91,7 +112,7 @@ def cmd_share(args) -> int:
         out = console()
         out.print(f"[bold]answer:[/bold] {gen.text}")
         out.print(f"layers sent: {len(layers)}/{lm.num_layers} ({how}) {layers}")
-        out.print(f"bytes sent: {msg.payload_bytes:,} for {msg.seq_len} context tokens; "
+        out.print(f"bytes sent: {result['bytes_sent']:,} ({result['precision']}) for {msg.seq_len} context tokens; "
                   f"TTFT {gen.ttft_s * 1e3:.1f} ms, total {gen.total_s * 1e3:.1f} ms")
     return 0
 
@@ -102,6 +123,7 @@ def cmd_send(args) -> int:
     from kvcomm.sharing.selection import choose_layers
     from kvcomm.sharing.send_receive import send
 
+    check_precision_args(args)
     to_stdout = args.out == "-"
     if to_stdout and sys.stdout.isatty():
         raise KVCommError("refusing to write a binary KV message to a terminal; pass --out FILE or pipe stdout")
@@ -110,9 +132,14 @@ def cmd_send(args) -> int:
     layers, how = choose_layers(lm, selection_of(args), progress=not to_stdout)
     msg = send(lm, sender_ids(lm.tokenizer, context, layout=args.layout), layers,
                meta={"selection": how, "layout": args.layout})
-    n = save_message(msg, args.out)
+    try:
+        n = save_message(msg, args.out, args.precision, args.group_size)
+    except ValueError as e:  # KV the chosen precision cannot hold (NaN/Inf, or beyond float16 scales)
+        raise KVCommError(f"cannot send at --precision {args.precision}: {e}") from None
     if not to_stdout or args.verbose:
-        console(stderr=True).print(f"wrote {n:,} bytes to {args.out}: layers {layers} ({how}), {msg.seq_len} context tokens")
+        precision = args.precision or str(msg.dtype).removeprefix("torch.")
+        console(stderr=True).print(f"wrote {n:,} bytes to {args.out}: layers {layers} ({how}), {msg.seq_len} context tokens, "
+                                   f"{precision}, {n / msg.seq_len:,.0f} bytes per context token")
     return 0
 
 
@@ -124,7 +151,8 @@ def cmd_receive(args) -> int:
 
     question = text_arg(args.question)
     lm = load(args, quiet=True)
-    messages = [load_message(m, fingerprint(lm.model, lm.tokenizer), args.max_bytes, args.allow_finetune) for m in args.message]
+    fp = fingerprint(lm.model, lm.tokenizer)  # quantized messages are dequantized on the model's device, in its dtype
+    messages = [load_message(m, fp, args.max_bytes, args.allow_finetune, lm.dtype, lm.device) for m in args.message]
     layout = args.layout or messages[0].meta.get("layout", DEFAULT_LAYOUT)
     if layout not in LAYOUTS:
         raise KVCommError(f"the message names an unknown prompt layout {layout!r}; pass --layout {' or '.join(LAYOUTS)}")
@@ -161,6 +189,8 @@ def cmd_inspect(args) -> int:
 
     msg = decode(read_message_bytes(args.message, args.max_bytes), None, args.max_bytes)
     info = {"layers": msg.layers, "seq_len": msg.seq_len, "dtype": str(msg.dtype).removeprefix("torch."),
+            "precision": msg.precision, "group_size": msg.group_size, "file_bytes": msg.wire_bytes,
+            "bytes_per_context_token": round(msg.bytes_per_context_token(), 1),
             "position_start": msg.position_start, "payload_bytes": msg.payload_bytes,
             "model": msg.fingerprint.short, "meta": msg.meta}
     print(json.dumps(info, indent=1))
@@ -186,6 +216,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--context", required=True, help="context text, or @file")
     p.add_argument("--question", required=True, help="question text, or @file")
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
+    add_precision_args(p, "the sender would send")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_share)
 
@@ -195,6 +226,7 @@ def add_parsers(sub) -> None:
     add_layout_arg(p)
     p.add_argument("--context", required=True, help="context text, or @file")
     p.add_argument("--out", required=True, help="message file to write, or - for stdout")
+    add_precision_args(p, "to store")
     p.add_argument("--verbose", action="store_true", help="report to stderr even when writing to stdout")
     p.set_defaults(func=cmd_send)
 
@@ -220,7 +252,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", help="where to write the ranking JSON (default: the cache used by share/send)")
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("inspect", help="validate a message file and print its header")
+    p = sub.add_parser("inspect", help="validate a message file and print its header (payload_bytes: decoded, "
+                                       "in the sender's dtype; file_bytes: on the wire)")
     p.add_argument("message", help="message file, or - for stdin")
     p.add_argument("--max-bytes", type=positive_int, default=DEFAULT_MAX_BYTES)
     p.set_defaults(func=cmd_inspect)

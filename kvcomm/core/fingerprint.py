@@ -45,9 +45,17 @@ class Fingerprint:
     def from_json(cls, text: str) -> Fingerprint:
         try:
             data = json.loads(text)
-            return cls(**{k: data[k] for k in cls.__dataclass_fields__})
-        except (ValueError, KeyError, TypeError) as e:
-            raise IncompatibleModelError(f"message carries an unreadable model fingerprint ({e}); re-send it with this kvcomm") from None
+            fp = cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
+            raise IncompatibleModelError(f"message carries an unreadable model fingerprint ({_short(e)}); re-send it with this kvcomm") from None
+        for name in cls.__dataclass_fields__:
+            value = getattr(fp, name)
+            ok = (isinstance(value, int) and not isinstance(value, bool) and value > 0 if name in SHAPE_FIELDS[1:]
+                  else isinstance(value, str))
+            if not ok:
+                raise IncompatibleModelError(f"message carries a malformed model fingerprint ({name} is {_short(value)}); "
+                                             "re-send it with this kvcomm")
+        return fp
 
     @property
     def short(self) -> str:

@@ -1,21 +1,36 @@
 """KV messages: the selected layers' keys and values, and everything needed to trust them.
 
-Wire format (version 1) is a plain safetensors file, never pickle:
-  tensors   ``k.<layer>`` and ``v.<layer>``, each ``[1, kv_heads, seq_len, head_dim]``, one dtype;
-  metadata  ``format="kvcomm.kv"``, ``version="1"``, ``fingerprint`` (JSON, see `kvcomm.fingerprint`),
+Wire format (version 2) is a plain safetensors file, never pickle:
+  tensors   ``k.<layer>`` and ``v.<layer>``, each ``[1, kv_heads, seq_len, head_dim]`` in the message's
+            precision: bf16/fp16/fp32 as is; fp8 (F8_E4M3) or int8 (I8) codes of that shape; int4 as
+            U8 ``[1, kv_heads, seq_len, ceil(head_dim/2)]`` (two codes a byte). Quantized messages add
+            float16 ``k_scale.<layer>`` ``[1, kv_heads, ceil(seq_len/G), head_dim]`` (keys: per channel,
+            groups of G tokens) and ``v_scale.<layer>`` ``[1, kv_heads, seq_len, ceil(head_dim/G)]``
+            (values: per token, groups of G channels), and for int4 ``k_zero``/``v_zero`` of the same
+            shapes. Layouts and the reasons for them: `kvcomm.core.quant`.
+  metadata  ``format="kvcomm.kv"``, ``version="2"``, ``fingerprint`` (JSON, see `kvcomm.core.fingerprint`),
             ``layers`` (JSON list), ``seq_len``, ``position_start`` (keys are rotated for positions
-            position_start .. position_start+seq_len-1), ``dtype`` and ``meta`` (free JSON).
+            position_start .. position_start+seq_len-1), ``dtype`` (the sender's KV dtype, which a
+            decoded message takes unless the receiver asks for another), ``precision`` (one of
+            `kvcomm.core.quant.PRECISIONS`), ``group_size`` (G; 0 for bf16/fp16/fp32) and ``meta``.
+Version 1 (kvcomm before compressed KV) is version 2 without ``precision``/``group_size``: tensors
+stored as is in ``dtype``. Both are read; version 2 is written.
 
-`decode` checks the raw bytes *before* handing them to safetensors: size cap, header length and JSON,
-format and version, every tensor's name, dtype, shape and byte range (a truncated file is caught by its
-offsets), then the fingerprint against the receiver, then NaN/Inf. Each failure raises its own
-`MessageError` subclass with a one-line reason.
+Choosing a precision: `encode(msg, precision="int8", group_size=128)` (`save_message` takes the same
+arguments; the default, None, stores the message's own dtype as before). `KVMessage.quantized(...)`
+gives the message a receiver would decode, for measuring the effect in-process.
+
+`decode` checks the raw bytes *before* handing them to safetensors (`kvcomm.core.wire`): size cap,
+header length and JSON, format and version, then the fingerprint against the receiver, then the
+header fields (layers, length, dtype, precision, group size), every tensor's name, dtype, shape and
+byte range (a truncated file is caught by its offsets); after parsing, that every scale is finite
+and positive and every zero point finite, and after dequantizing, no NaN/Inf. Each failure raises
+its own `MessageError` subclass with a one-line reason.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,19 +45,35 @@ from kvcomm.core.errors import (
     UnsupportedVersionError,
 )
 from kvcomm.core.fingerprint import Fingerprint
+from kvcomm.core.quant import (
+    CODE_DTYPES,
+    DEFAULT_GROUP_SIZE,
+    DENSE,
+    MAX_GROUP_SIZE,
+    PRECISIONS,
+    QUANTIZED,
+    Quantized,
+    dequantize,
+    part_shapes,
+    precision_of,
+    quantize,
+)
+from kvcomm.core.wire import DTYPE_NAMES, DTYPES, check_tensors, load_tensors, read_header
 
 FORMAT = "kvcomm.kv"
-VERSION = "1"
+VERSION = "2"
+READ_VERSIONS = ("1", "2")
 DEFAULT_MAX_BYTES = 4 << 30  # 4 GiB: a 16K-token context, all 32 layers of Llama-3.1-8B in bf16 is 2 GiB
-MAX_HEADER_BYTES = 1 << 20
-_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
-_ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2}
+_SENDER_DTYPES = ("F32", "BF16", "F16")
+_KV_AXIS = {"k": "token", "v": "channel"}  # keys per channel (groups along tokens), values per token
 
 
 @dataclass
 class KVMessage:
-    """KV of some layers of one prefilled context. `keys[i]`/`values[i]` belong to `layers[i]`."""
+    """KV of some layers of one prefilled context. `keys[i]`/`values[i]` belong to `layers[i]`.
+
+    A decoded message also records how it travelled: `precision` and `group_size` from its header and
+    `wire_bytes`, the size of the bytes it was decoded from (None / 0 / 0 for one built in memory)."""
 
     layers: list[int]
     keys: list[torch.Tensor]
@@ -50,6 +81,9 @@ class KVMessage:
     fingerprint: Fingerprint
     position_start: int = 0
     meta: dict = field(default_factory=dict)
+    precision: str | None = None
+    group_size: int = 0
+    wire_bytes: int = 0
 
     @property
     def seq_len(self) -> int:
@@ -61,12 +95,21 @@ class KVMessage:
 
     @property
     def payload_bytes(self) -> int:
+        """Bytes of the keys and values as held in memory (for a decoded message: after dequantizing)."""
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
     def bytes_per_token_per_layer(self) -> int:
-        """2 · kv_heads · head_dim · bytes (4 KiB for Llama-3.1-8B in bf16)."""
+        """2 · kv_heads · head_dim · bytes (4 KiB for Llama-3.1-8B in bf16), as held in memory."""
         k = self.keys[0]
         return 2 * k.shape[1] * k.shape[3] * k.element_size()
+
+    def bytes_per_context_token(self) -> float:
+        """Wire bytes (header and scales included) per context token; 0 for a message never encoded."""
+        return self.wire_bytes / self.seq_len if self.seq_len else 0.0
+
+    def _with(self, layers, keys, values) -> KVMessage:
+        return KVMessage(layers, keys, values, self.fingerprint, self.position_start, dict(self.meta),
+                         self.precision, self.group_size, self.wire_bytes)
 
     def select(self, layers) -> KVMessage:
         """The same message restricted to `layers` (which must all be present)."""
@@ -75,30 +118,55 @@ class KVMessage:
         missing = [x for x in layers if x not in index]
         if missing:
             raise ValueError(f"layers {missing} are not in this message (it holds {self.layers})")
-        return KVMessage(
-            layers, [self.keys[index[x]] for x in layers], [self.values[index[x]] for x in layers],
-            self.fingerprint, self.position_start, dict(self.meta),
-        )
+        return self._with(layers, [self.keys[index[x]] for x in layers], [self.values[index[x]] for x in layers])
 
     def to(self, device=None, dtype=None) -> KVMessage:
         conv = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
-        return KVMessage(self.layers, [conv(t) for t in self.keys], [conv(t) for t in self.values],
-                         self.fingerprint, self.position_start, dict(self.meta))
+        return self._with(self.layers, [conv(t) for t in self.keys], [conv(t) for t in self.values])
 
     def layer_kv(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         return {layer: (k, v) for layer, k, v in zip(self.layers, self.keys, self.values)}
 
+    def quantized(self, precision: str, group_size: int | None = None) -> KVMessage:
+        """What a receiver decodes when this message is sent at `precision`: encoded, then decoded
+        (without a model check) back into this message's dtype and device. `wire_bytes` is the size sent."""
+        device = self.keys[0].device if self.keys else None
+        return decode(encode(self, precision, group_size), None, max_bytes=1 << 62, dtype=self.dtype, device=device)
 
-def encode(msg: KVMessage) -> bytes:
-    """Serialise to safetensors bytes."""
+
+def _group_size(precision: str, group_size: int | None) -> int:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in QUANTIZED:
+        if group_size:
+            raise ValueError(f"a group size applies to {'/'.join(QUANTIZED)} only, not {precision}")
+        return 0
+    g = DEFAULT_GROUP_SIZE if group_size is None else group_size
+    if not isinstance(g, int) or not 1 <= g <= MAX_GROUP_SIZE:
+        raise ValueError(f"group size must be an integer in [1, {MAX_GROUP_SIZE}], got {g!r}")
+    return g
+
+
+def encode(msg: KVMessage, precision: str | None = None, group_size: int | None = None) -> bytes:
+    """Serialise to safetensors bytes (format version 2) at `precision` (default: the KV's own dtype,
+    stored as is). fp8/int8/int4 take a `group_size` (default 128). Raises ValueError for an unknown
+    precision, and for NaN/Inf or float16-overflowing KV at a quantized precision."""
     from safetensors.torch import save
 
     if not msg.layers:
         raise ValueError("a KV message needs at least one layer")
+    precision = precision or precision_of(msg.dtype)
+    g = _group_size(precision, group_size)
     tensors = {}
     for layer, k, v in zip(msg.layers, msg.keys, msg.values):
-        tensors[f"k.{layer}"] = k.detach().to("cpu").contiguous()
-        tensors[f"v.{layer}"] = v.detach().to("cpu").contiguous()
+        for kind, t in (("k", k), ("v", v)):
+            t = t.detach()
+            if precision in DENSE:
+                tensors[f"{kind}.{layer}"] = t.to("cpu", DENSE[precision]).contiguous()
+                continue
+            names = {"codes": f"{kind}.{layer}", "scale": f"{kind}_scale.{layer}", "zero": f"{kind}_zero.{layer}"}
+            for part, x in quantize(t, precision, g, _KV_AXIS[kind]).parts().items():
+                tensors[names[part]] = x.to("cpu").contiguous()
     metadata = {
         "format": FORMAT,
         "version": VERSION,
@@ -106,20 +174,61 @@ def encode(msg: KVMessage) -> bytes:
         "layers": json.dumps(list(msg.layers)),
         "seq_len": str(msg.seq_len),
         "position_start": str(msg.position_start),
-        "dtype": _DTYPE_NAMES[msg.dtype],
+        "dtype": DTYPE_NAMES[msg.dtype],
+        "precision": precision,
+        "group_size": str(g),
         "meta": json.dumps(msg.meta, default=str),
     }
     return save(tensors, metadata=metadata)
 
 
-def _int_field(meta: dict, name: str, lo: int = 0) -> int:
+def _int_field(meta: dict, name: str, lo: int = 0, hi: int | None = None) -> int:
+    raw = meta.get(name)
     try:
-        value = int(meta[name])
-    except (KeyError, ValueError, TypeError):
-        raise CorruptMessageError(f"message metadata field {name!r} is missing or not an integer; re-send the message") from None
-    if value < lo:
-        raise CorruptMessageError(f"message metadata field {name!r} is {value}, below {lo}; re-send the message")
+        value = int(raw) if isinstance(raw, str) and len(raw) <= 32 else None
+    except ValueError:
+        value = None
+    if value is None:
+        raise CorruptMessageError(f"message metadata field {name!r} is missing or not an integer; re-send the message")
+    if value < lo or (hi is not None and value > hi):
+        raise CorruptMessageError(f"message metadata field {name!r} is {value}, outside [{lo}, {hi if hi is not None else 'inf'}]; re-send the message")
     return value
+
+
+def _expected_tensors(layers, precision: str, g: int, shape: list[int]) -> dict[str, tuple[str, list[int]]]:
+    """name -> (safetensors dtype, shape) of every tensor a message of this kind must hold, and nothing else."""
+    expected = {}
+    for layer in layers:
+        for kind, axis in _KV_AXIS.items():
+            if precision in DENSE:
+                expected[f"{kind}.{layer}"] = (DTYPE_NAMES[DENSE[precision]], shape)
+                continue
+            parts = part_shapes(precision, g, shape, axis)
+            expected[f"{kind}.{layer}"] = (DTYPE_NAMES[CODE_DTYPES[precision]], list(parts["codes"]))
+            expected[f"{kind}_scale.{layer}"] = ("F16", list(parts["scale"]))
+            if "zero" in parts:
+                expected[f"{kind}_zero.{layer}"] = ("F16", list(parts["zero"]))
+    return expected
+
+
+def _layer_tensor(tensors, kind: str, layer: int, precision: str, g: int, shape, dtype, device) -> torch.Tensor:
+    """One key or value tensor of the message: checked scales, dequantized on `device` into `dtype`, finite."""
+    name = f"{kind}.{layer}"
+    if precision in DENSE:
+        t = tensors[name].to(device=device, dtype=dtype)
+    else:
+        scale, zero = tensors[f"{kind}_scale.{layer}"], tensors.get(f"{kind}_zero.{layer}")
+        if not torch.isfinite(scale).all():
+            raise NonFiniteError(f"scale tensor {kind}_scale.{layer} holds NaN or Inf; the sender's file is broken")
+        if not (scale > 0).all():
+            raise CorruptMessageError(f"scale tensor {kind}_scale.{layer} holds zero or negative scales (corrupt file)")
+        if zero is not None and not torch.isfinite(zero).all():
+            raise NonFiniteError(f"zero-point tensor {kind}_zero.{layer} holds NaN or Inf; the sender's file is broken")
+        q = Quantized(precision, g, _KV_AXIS[kind], tuple(shape), tensors[name], scale, zero)
+        t = dequantize(q.to(device), dtype)
+    if not torch.isfinite(t).all():
+        raise NonFiniteError(f"layer {layer} of the message holds NaN or Inf values; the sender's model or file is broken")
+    return t
 
 
 def decode(
@@ -127,31 +236,19 @@ def decode(
     receiver: Fingerprint | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     allow_finetune: bool = False,
+    dtype: torch.dtype | None = None,
+    device=None,
 ) -> KVMessage:
-    """Validate and parse message bytes. `receiver=None` skips only the model check."""
-    if len(data) > max_bytes:
-        raise OversizeMessageError(
-            f"message is {len(data):,} bytes, over the {max_bytes:,}-byte limit; raise max_bytes (--max-bytes) if you trust it"
-        )
-    if len(data) < 8:
-        raise CorruptMessageError(f"message is {len(data)} bytes, too short to be a safetensors file (truncated?)")
-    header_len = int.from_bytes(data[:8], "little")
-    if header_len > MAX_HEADER_BYTES or 8 + header_len > len(data):
-        raise CorruptMessageError(
-            f"message header claims {header_len:,} bytes but the file has {len(data) - 8:,} after it (truncated or not a kvcomm message)"
-        )
-    try:
-        header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise CorruptMessageError("message header is not valid JSON (corrupt file, or not a kvcomm message)") from None
-    if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
-        raise CorruptMessageError("message has no kvcomm metadata (not a kvcomm message)")
-    meta = header.pop("__metadata__")
+    """Validate and parse message bytes (version 1 or 2). `receiver=None` skips only the model check.
+    Tensors come back in `dtype` (default: the sender's dtype from the header) on `device` (default
+    CPU); a quantized message is dequantized there, so a GPU receiver ships the compact codes only."""
+    header, meta, body = read_header(data, max_bytes)
     if meta.get("format") != FORMAT:
-        raise CorruptMessageError(f"file format is {meta.get('format')!r}, not {FORMAT!r} (not a kvcomm message)")
-    if meta.get("version") != VERSION:
+        raise CorruptMessageError(f"file format is {_show(meta.get('format'))}, not {FORMAT!r} (not a kvcomm message)")
+    version = meta.get("version")
+    if version not in READ_VERSIONS:
         raise UnsupportedVersionError(
-            f"message format version {meta.get('version')!r} is not supported (this kvcomm reads version {VERSION}); "
+            f"message format version {_show(version)} is not supported (this kvcomm reads versions {', '.join(READ_VERSIONS)}); "
             "upgrade kvcomm or re-send with a matching version"
         )
     fp = Fingerprint.from_json(str(meta.get("fingerprint")))
@@ -160,67 +257,51 @@ def decode(
 
     try:
         layers = json.loads(meta.get("layers", ""))
-    except ValueError:
+    except (ValueError, TypeError, RecursionError):
         raise CorruptMessageError("message metadata 'layers' is not a JSON list; re-send the message") from None
     if (not isinstance(layers, list) or not layers or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers)
             or len(set(layers)) != len(layers)):
         raise CorruptMessageError("message metadata 'layers' must be a non-empty list of distinct integers")
     if min(layers) < 0 or max(layers) >= fp.num_layers:
-        raise ShapeMismatchError(f"message names layers {layers} but its model has {fp.num_layers} layers")
+        raise ShapeMismatchError(f"message names layers {_show(layers)} but its model has {fp.num_layers} layers")
     seq_len = _int_field(meta, "seq_len", lo=1)
     position_start = _int_field(meta, "position_start")
     dtype_name = meta.get("dtype")
-    if dtype_name not in _DTYPES:
-        raise ShapeMismatchError(f"message dtype {dtype_name!r} is not one of {sorted(_DTYPES)}")
+    if dtype_name not in _SENDER_DTYPES:
+        raise ShapeMismatchError(f"message dtype {_show(dtype_name)} is not one of {sorted(_SENDER_DTYPES)}")
+    if version == "1":
+        precision, g = precision_of(DTYPES[dtype_name]), 0
+    else:
+        precision = meta.get("precision")
+        if precision not in PRECISIONS:
+            raise UnsupportedVersionError(f"message precision {_show(precision)} is not one this kvcomm reads "
+                                          f"({', '.join(PRECISIONS)}); upgrade kvcomm or re-send at one of those")
+        dense = precision in DENSE
+        g = _int_field(meta, "group_size", lo=0 if dense else 1, hi=0 if dense else MAX_GROUP_SIZE)
 
-    expected = {f"{kind}.{layer}" for layer in layers for kind in "kv"}
-    if set(header) != expected:
-        extra, missing = sorted(set(header) - expected), sorted(expected - set(header))
-        raise ShapeMismatchError(f"message tensors do not match its layer list (missing {missing[:4]}, unexpected {extra[:4]})")
     shape = [1, fp.num_kv_heads, seq_len, fp.head_dim]
-    body = len(data) - 8 - header_len
-    spans = []
-    for name, info in header.items():
-        if not isinstance(info, dict) or info.get("dtype") != dtype_name or info.get("shape") != shape:
-            got = (info.get("dtype"), info.get("shape")) if isinstance(info, dict) else info
-            raise ShapeMismatchError(f"tensor {name} is {got}, expected ({dtype_name}, {shape}) from the message's model and length")
-        offs = info.get("data_offsets")
-        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)):
-            raise CorruptMessageError(f"tensor {name} has malformed data offsets")
-        if offs[1] - offs[0] != math.prod(shape) * _ITEMSIZE[dtype_name] or offs[0] < 0:
-            raise CorruptMessageError(f"tensor {name}'s byte range does not match its shape (corrupt file)")
-        if offs[1] > body:
-            raise CorruptMessageError(f"tensor {name} ends at byte {offs[1]:,} but the data section has {body:,} (truncated file)")
-        spans.append(tuple(offs))
-    spans.sort()
-    if spans[0][0] != 0 or spans[-1][1] != body or any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
-        raise CorruptMessageError("message data section has gaps, overlaps or trailing bytes (corrupt file)")
-
-    from safetensors.torch import load
-
-    try:
-        tensors = load(data)
-    except Exception as e:  # safetensors raises its own error types; any failure here is corruption
-        raise CorruptMessageError(f"safetensors could not read the message: {str(e).splitlines()[0]}") from None
-    keys, values = [], []
-    for layer in layers:
-        k, v = tensors[f"k.{layer}"], tensors[f"v.{layer}"]
-        if not (torch.isfinite(k).all() and torch.isfinite(v).all()):
-            raise NonFiniteError(f"layer {layer} of the message holds NaN or Inf values; the sender's model or file is broken")
-        keys.append(k)
-        values.append(v)
+    check_tensors(header, _expected_tensors(layers, precision, g, shape), body)
+    tensors = load_tensors(data)
+    out_dtype = dtype or DTYPES[dtype_name]
+    keys = [_layer_tensor(tensors, "k", layer, precision, g, shape, out_dtype, device) for layer in layers]
+    values = [_layer_tensor(tensors, "v", layer, precision, g, shape, out_dtype, device) for layer in layers]
     try:
         extra = json.loads(meta.get("meta", "{}"))
-    except ValueError:
+    except (ValueError, TypeError, RecursionError):
         extra = {}
     order = sorted(range(len(layers)), key=lambda i: layers[i])
     return KVMessage([layers[i] for i in order], [keys[i] for i in order], [values[i] for i in order],
-                     fp, position_start, extra if isinstance(extra, dict) else {})
+                     fp, position_start, extra if isinstance(extra, dict) else {}, precision, g, len(data))
 
 
-def save_message(msg: KVMessage, path: str | Path) -> int:
-    """Write to `path` ('-' = stdout) atomically; return the bytes written."""
-    data = encode(msg)
+def _show(v) -> str:
+    s = repr(v)
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
+def save_message(msg: KVMessage, path: str | Path, precision: str | None = None, group_size: int | None = None) -> int:
+    """Write to `path` ('-' = stdout) atomically, at `precision` (see `encode`); return the bytes written."""
+    data = encode(msg, precision, group_size)
     if str(path) == "-":
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
@@ -249,5 +330,5 @@ def read_message_bytes(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> 
 
 
 def load_message(path: str | Path, receiver: Fingerprint | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
-                 allow_finetune: bool = False) -> KVMessage:
-    return decode(read_message_bytes(path, max_bytes), receiver, max_bytes, allow_finetune)
+                 allow_finetune: bool = False, dtype: torch.dtype | None = None, device=None) -> KVMessage:
+    return decode(read_message_bytes(path, max_bytes), receiver, max_bytes, allow_finetune, dtype, device)

@@ -23,6 +23,13 @@ acts, and is exposed (`--tau`) next to γ. Offsets (Eq. 6–7) use per-token wei
 Bounds: at most V anchors per placeholder (least-used of the 5 oldest evicted), and a byte budget over
 the whole pool (same rule, pool-wide). Updates are staged per request and committed when the request
 finishes, so concurrent requests see a consistent pool.
+
+Compressed offsets (`PoolConfig(offset_precision="int8")`, also fp8, int4, or bf16/fp16 as a plain
+cast): the deltas Δφ and Δp, which outnumber the bases (one per agent template per anchor), are stored
+as `PackedBlock`s with the message format's quantizer (`kvcomm.core.quant`: keys per channel, values
+per token, float16 scales, `offset_group_size` = G) and dequantized when matched. The byte budget counts
+the compressed size (codes + scales), so the same budget holds more anchors. Bases stay as computed:
+they are what matching measures distances on.
 """
 
 from __future__ import annotations
@@ -36,16 +43,66 @@ from typing import Protocol
 import torch
 
 from kvcomm.core.kv import KVBlock
+from kvcomm.core.quant import DEFAULT_GROUP_SIZE, DENSE, PRECISIONS, Quantized, dequantize, quantize
 
 
 def content_key(ids) -> str:
     return hashlib.sha1(",".join(map(str, ids)).encode()).hexdigest()
 
 
+class PackedBlock:
+    """A KVBlock held quantized (keys per channel, values per token, as in KV messages). `nbytes` counts
+    codes, scales and zero points; `unpack()` (or `.k`/`.v`) gives the dequantized tensors."""
+
+    def __init__(self, block: KVBlock, precision: str, group_size: int = DEFAULT_GROUP_SIZE):
+        self.qk: Quantized = quantize(block.k, precision, group_size, "token")
+        self.qv: Quantized = quantize(block.v, precision, group_size, "channel")
+        self.dtype = block.k.dtype
+
+    @property
+    def n(self) -> int:
+        return self.qk.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.qk.nbytes + self.qv.nbytes
+
+    @property
+    def k(self) -> torch.Tensor:
+        return dequantize(self.qk, self.dtype)
+
+    @property
+    def v(self) -> torch.Tensor:
+        return dequantize(self.qv, self.dtype)
+
+    def unpack(self, dtype: torch.dtype | None = None) -> KVBlock:
+        return KVBlock(dequantize(self.qk, dtype or self.dtype), dequantize(self.qv, dtype or self.dtype))
+
+
+def pack(block: KVBlock, precision: str | None, group_size: int = DEFAULT_GROUP_SIZE) -> KVBlock | PackedBlock:
+    """`block` stored at `precision` (None: as is; bf16/fp16/fp32: a cast; fp8/int8/int4: a PackedBlock).
+    KV a quantized precision cannot hold (beyond float16 scales) stays as is."""
+    if precision is None:
+        return block
+    if precision in DENSE:
+        return KVBlock(block.k.to(DENSE[precision]), block.v.to(DENSE[precision]))
+    try:
+        return PackedBlock(block, precision, group_size)
+    except ValueError:
+        return block
+
+
+def unpacked(block: KVBlock | PackedBlock) -> KVBlock:
+    """Float32 tensors of a stored block, whatever its storage."""
+    if isinstance(block, PackedBlock):
+        return block.unpack(torch.float32)
+    return KVBlock(block.k.float(), block.v.float())
+
+
 @dataclass
 class AgentDelta:
-    placeholder: KVBlock  # Δφ, same length as the anchor
-    segment: KVBlock  # Δp for the segment after the placeholder (may have length 0)
+    placeholder: KVBlock | PackedBlock  # Δφ, same length as the anchor
+    segment: KVBlock | PackedBlock  # Δp for the segment after the placeholder (may have length 0)
 
 
 @dataclass
@@ -93,13 +150,16 @@ class PoolStats:
 @dataclass(frozen=True)
 class PoolConfig:
     """Anchor-pool settings (defaults as discussed above): V anchors per placeholder, a byte budget,
-    the entropy threshold γ, the softmax temperature τ and the eviction window."""
+    the entropy threshold γ, the softmax temperature τ, the eviction window, and how offsets are
+    stored (`offset_precision`: None = as computed, or one of `kvcomm.core.quant.PRECISIONS`)."""
 
     max_anchors: int = 20
     byte_budget: int = 2 << 30
     gamma: float = 0.3
     tau: float = 0.003
     oldest_window: int = 5
+    offset_precision: str | None = None
+    offset_group_size: int = DEFAULT_GROUP_SIZE
 
     def build(self) -> AnchorPool:
         return AnchorPool(**asdict(self))
@@ -117,7 +177,13 @@ class KVPool(Protocol):
 
 class AnchorPool:
     def __init__(self, max_anchors: int = 20, byte_budget: int = 2 << 30, gamma: float = 0.3, tau: float = 0.003,
-                 oldest_window: int = 5):
+                 oldest_window: int = 5, offset_precision: str | None = None, offset_group_size: int = DEFAULT_GROUP_SIZE):
+        if offset_precision is not None and offset_precision not in PRECISIONS:
+            raise ValueError(f"offset_precision must be None or one of {', '.join(PRECISIONS)}, got {offset_precision!r}")
+        if not isinstance(offset_group_size, int) or offset_group_size < 1:
+            raise ValueError(f"offset_group_size must be a positive integer, got {offset_group_size!r}")
+        self.offset_precision = offset_precision
+        self.offset_group_size = offset_group_size
         self.max_anchors = max_anchors
         self.byte_budget = byte_budget
         self.gamma = gamma
@@ -149,15 +215,17 @@ class AnchorPool:
         # per-token weights for the placeholder: distance over layers, heads, channels at each token
         d_tok = sq.mean(dim=(1, 2, 4)).sqrt() / scale  # [A, n]
         w_tok = torch.softmax(-d_tok / self.tau, dim=0)
-        dphi_k = torch.stack([dl.placeholder.k[:, :, :n].float() for _, dl in cands])
-        dphi_v = torch.stack([dl.placeholder.v[:, :, :n].float() for _, dl in cands])
+        dphi = [unpacked(dl.placeholder) for _, dl in cands]
+        dphi_k = torch.stack([b.k[:, :, :n] for b in dphi])
+        dphi_v = torch.stack([b.v[:, :, :n] for b in dphi])
         wt = w_tok[:, None, None, :, None]
         placeholder = KVBlock((wt * dphi_k).sum(0).to(base.k.dtype), (wt * dphi_v).sum(0).to(base.v.dtype))
         # per (layer, head, channel) weights for the following segment: distance over tokens
         d_ch = sq.mean(dim=3).sqrt() / scale  # [A, L, H, D]
         w_ch = torch.softmax(-d_ch / self.tau, dim=0)[:, :, :, None, :]
-        seg_k = torch.stack([dl.segment.k.float() for _, dl in cands])
-        seg_v = torch.stack([dl.segment.v.float() for _, dl in cands])
+        segs = [unpacked(dl.segment) for _, dl in cands]
+        seg_k = torch.stack([b.k for b in segs])
+        seg_v = torch.stack([b.v for b in segs])
         segment = KVBlock((w_ch * seg_k).sum(0).to(base.k.dtype), (w_ch * seg_v).sum(0).to(base.v.dtype))
         with self._lock:
             self._matches += 1
@@ -183,7 +251,11 @@ class AnchorPool:
 
     # ---- writing -------------------------------------------------------------------------------
     def stage(self, request, name: str, key: str, base: KVBlock, agent_key: str, delta: AgentDelta) -> None:
-        """Record a new anchor / new agent deltas; visible to matching after `commit(request)`."""
+        """Record a new anchor / new agent deltas; visible to matching after `commit(request)`. Offsets are
+        compressed here (outside the lock) when the pool stores them compressed."""
+        if self.offset_precision is not None:
+            g = self.offset_group_size
+            delta = AgentDelta(pack(delta.placeholder, self.offset_precision, g), pack(delta.segment, self.offset_precision, g))
         with self._lock:
             self._staged.setdefault(request, []).append((name, key, base, agent_key, delta))
 

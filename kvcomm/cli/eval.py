@@ -7,6 +7,7 @@ from pathlib import Path
 
 from kvcomm.cli.common import add_model_args, load, positive_int
 from kvcomm.core.errors import DataError
+from kvcomm.core.quant import PRECISIONS
 from kvcomm.experiments.share_eval import (
     DEFAULT_METHODS,
     DEFAULT_TASKS,
@@ -19,6 +20,7 @@ from kvcomm.experiments.share_eval import (
 )
 from kvcomm.experiments.share_report import PLAIN_METHODS, markdown_table, report
 from kvcomm.sharing.prompts import DEFAULT_LAYOUT, LAYOUTS
+from kvcomm.sharing.selection import DEFAULT_SPAN, SPANS
 
 
 def shard(text: str) -> tuple[int, int]:
@@ -52,6 +54,11 @@ def add_parser(sub) -> None:
     p.add_argument("--layout", choices=LAYOUTS, default=DEFAULT_LAYOUT,
                    help="prompt layout: paper (sender and receiver each have their own chat prompt; default) or split "
                         "(the receiver continues Skyline's prompt)")
+    p.add_argument("--span", choices=SPANS, default=DEFAULT_SPAN,
+                   help="what calibration counts as attention on the context: every sender token (sender) or the "
+                        f"context's own tokens (context); default {DEFAULT_SPAN}")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="send the KV messages at this precision (fp8/int8/int4 quantized; default: the model's dtype)")
     p.add_argument("--recalibrate-every", type=positive_int, default=50, metavar="T",
                    help="kvcomm-online recalibrates on every T-th query (default 50)")
     p.add_argument("--summary-tokens", type=positive_int, default=48, help="NLD/CIPHER message length (default 48)")
@@ -81,7 +88,8 @@ def config_of(args) -> EvalConfig:
     return EvalConfig(tasks=tasks, methods=methods, ratios=ratios, limit=args.limit, seed=args.seed,
                       max_new_tokens=args.max_new_tokens, answer_prefix=args.answer_prefix,
                       recalibrate_every=args.recalibrate_every, summary_tokens=args.summary_tokens,
-                      ac_layer=args.ac_layer, shard=args.shard, layout=args.layout)
+                      ac_layer=args.ac_layer, shard=args.shard, layout=args.layout, span=args.span,
+                      precision=args.precision)
 
 
 def cmd_eval(args) -> int:

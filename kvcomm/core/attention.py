@@ -24,10 +24,11 @@ _registered = False
 
 
 class ImportanceRecorder:
-    """Collects Ŝ_l = 1/(H·|Q|) Σ_h Σ_q Σ_{c<C} a^l_{h,q,c} per layer, summed over calls."""
+    """Collects Ŝ_l = 1/(H·|Q|) Σ_h Σ_q Σ_{c∈C} a^l_{h,q,c} per layer, summed over calls, where C is the
+    key columns [context_start, context_len): all the sender's tokens, or only its context's."""
 
-    def __init__(self, num_layers: int, context_len: int):
-        self.context_len = context_len
+    def __init__(self, num_layers: int, context_len: int, context_start: int = 0):
+        self.context_start, self.context_len = context_start, context_len
         self.sums = torch.zeros(num_layers, dtype=torch.float64)
         self.calls = torch.zeros(num_layers, dtype=torch.long)
 
@@ -38,7 +39,7 @@ class ImportanceRecorder:
         if mask is not None:
             scores = scores + mask.float() if mask.dtype != torch.bool else scores.masked_fill(~mask, float("-inf"))
         weights = torch.softmax(scores, dim=-1)
-        mass = weights[..., : self.context_len].sum(-1)  # [batch, heads, q]
+        mass = weights[..., self.context_start : self.context_len].sum(-1)  # [batch, heads, q]
         self.sums[layer] += mass.mean().item()
         self.calls[layer] += 1
 

@@ -43,8 +43,8 @@ from kvcomm.experiments.share_report import PLAIN_METHODS, read_results, summari
 from kvcomm.experiments.tasks import generate as generate_task
 from kvcomm.sharing import baselines
 from kvcomm.sharing.prompts import DEFAULT_LAYOUT, split_prompt
+from kvcomm.sharing.selection import DEFAULT_SPAN, Ranking, calibrate, layers_for
 from kvcomm.sharing.selection import METHODS as RATIO_METHODS
-from kvcomm.sharing.selection import Ranking, calibrate, layers_for
 from kvcomm.sharing.send_receive import generate, send
 
 DEFAULT_METHODS = ("baseline", "skyline", "nld", "cipher", "ac", "kvcomm", "kvcomm-online", "random", "contiguous")
@@ -63,6 +63,9 @@ class EvalConfig:
     max_new_tokens     answer length cap (rows record whether a reply hit it: `capped`)
     answer_prefix      text that starts every reply (see the module docstring)
     layout             prompt layout of sender, receiver, Skyline and Baseline (`kvcomm.sharing.prompts`)
+    span               the key columns calibration counts: the sender's tokens or its context's (`selection`)
+    precision          KV message precision (fp8/int8/int4/bf16/…; None: the model's dtype, sent as is); the
+                       receiver answers from what it decodes, and `bytes` counts the encoded message
     recalibrate_every  T of kvcomm-online
     summary_tokens     NLD / CIPHER message length
     ac_layer           AC's layer k = j (None: round(26/32 · layers))
@@ -77,6 +80,8 @@ class EvalConfig:
     max_new_tokens: int = 32
     answer_prefix: str = ANSWER_PREFIX
     layout: str = DEFAULT_LAYOUT
+    span: str = DEFAULT_SPAN
+    precision: str | None = None
     recalibrate_every: int = 50
     summary_tokens: int = 48
     ac_layer: int | None = None
@@ -117,7 +122,7 @@ def task_ranking(lm, task: str, config: EvalConfig, out: Path) -> Ranking:
         return Ranking.load(path)
     held_out = load_items(task, 1, config.seed + 1000)  # a JSONL file ignores the seed: its first item
     ranking = calibrate(lm, [(held_out[0]["context"], held_out[0]["question"])], task=task,
-                        answer_prefix=config.answer_prefix, layout=config.layout)
+                        answer_prefix=config.answer_prefix, layout=config.layout, span=config.span)
     ranking.save(path)
     return ranking
 
@@ -135,7 +140,7 @@ class OnlineRanking:
         if rounds not in self._by_round:
             samples = [(it["context"], it["question"]) for it in self.items[: index + 1 : self.every]]
             self._by_round[rounds] = calibrate(self.lm, samples, task="online", answer_prefix=self.config.answer_prefix,
-                                               layout=self.config.layout)
+                                               layout=self.config.layout, span=self.config.span)
         return self._by_round[rounds], index % self.every == 0
 
 
@@ -188,7 +193,11 @@ def run_item(lm, item: dict, method: str, ranking: Ranking | None, config: EvalC
         layers = layers_for(name, float(ratio), lm.num_layers, ranking, config.seed)
         full = state.message()
         msg = full.select(layers)
-        cost.update(layers=layers, bytes=full.payload_bytes if recalibrated else msg.payload_bytes,
+        if config.precision:
+            msg = msg.quantized(config.precision)
+        sent = (full.quantized(config.precision) if recalibrated else msg).wire_bytes if config.precision else \
+            (full.payload_bytes if recalibrated else msg.payload_bytes)
+        cost.update(layers=layers, bytes=sent,
                     sender_flops=prefill_flops(lm, n_ctx), sender_s=state.send_s)
         gen = generate(lm, split.receiver_ids, msg, max_new_tokens=max_new_tokens)
         cost["receiver_flops"] = prefill_flops(lm, n_q, past=round(n_ctx * len(layers) / lm.num_layers))
@@ -233,7 +242,7 @@ def run_eval(lm, config: EvalConfig, out: Path, progress: bool = True) -> dict:
     check_run_settings(out, {"model": fingerprint(lm.model, lm.tokenizer).short, "dtype": str(lm.dtype).removeprefix("torch."),
                              "seed": c.seed, "max_new_tokens": c.max_new_tokens, "answer_prefix": c.answer_prefix,
                              "recalibrate_every": c.recalibrate_every, "summary_tokens": c.summary_tokens,
-                             "ac_layer": c.ac_layer, "layout": c.layout})
+                             "ac_layer": c.ac_layer, "layout": c.layout, "span": c.span, "precision": c.precision})
     results_path = out / "results.jsonl"
     done = read_results(results_path)
     names = c.method_names()
@@ -263,6 +272,7 @@ def run_eval(lm, config: EvalConfig, out: Path, progress: bool = True) -> dict:
     summary = summarise(list(done.values()), tasks, names)
     summary.update({"model": lm.name, "limit": c.limit, "seed": c.seed, "ran": len(todo), "resumed": skipped,
                     "answer_prefix": c.answer_prefix, "recalibrate_every": c.recalibrate_every, "layout": c.layout,
+                    "span": c.span, "precision": c.precision,
                     "max_new_tokens": c.max_new_tokens,
                     "ac_layer": baselines.ac_layer(lm.num_layers) if c.ac_layer is None else c.ac_layer,
                     "rankings": {t: r.raw for t, r in rankings.items()}})

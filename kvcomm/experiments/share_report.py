@@ -85,7 +85,8 @@ def markdown_table(summary: dict) -> str:
     methods = [m for m in summary["methods"] if table.get(m)]
     names = [Path(t).stem for t in tasks]
     sky = _mean(table, "skyline", "contains", tasks) if "skyline" in methods else None
-    head = (f"model {summary.get('model', '?')}; layout {summary.get('layout', '?')}; answer budget "
+    head = (f"model {summary.get('model', '?')}; layout {summary.get('layout', '?')}; calibration span "
+            f"{summary.get('span', '?')}; KV precision {summary.get('precision') or 'model dtype'}; answer budget "
             f"{summary.get('max_new_tokens', '?')} tokens; answer prefix {summary.get('answer_prefix', '')!r}\n\n")
     lines = ["| method | " + " | ".join(names) + " | mean | % of Skyline | replies capped |",
              "|---" * (len(tasks) + 4) + "|"]
@@ -128,7 +129,7 @@ def report(out: Path, tasks: list[str], names: list[str]) -> dict:
     # the model, as the calibrations recorded it (a file path shortened to its name)
     models = {Path(r.model).name for r in rankings.values()} - {""}
     summary.update({"rows": len(rows), "partial": not complete, "rankings": {t: r.raw for t, r in rankings.items()},
-                    "model": ", ".join(sorted(models)), **{k: settings[k] for k in ("layout", "max_new_tokens",
+                    "model": ", ".join(sorted(models)), **{k: settings[k] for k in ("layout", "span", "precision", "max_new_tokens",
                                                                                    "answer_prefix") if k in settings}})
     write_report(out, summary)
     return summary

@@ -101,6 +101,20 @@ def split_prompt(tokenizer, context: str, question: str, system: str | None = DE
     return SharePrompt(sender, receiver, skyline, receiver, layout)
 
 
+def context_span(tokenizer, context: str, system: str | None = DEFAULT_SYSTEM, layout: str = DEFAULT_LAYOUT) -> tuple[int, int]:
+    """Where the context's own tokens sit in the sender's ids: [start, end), without the template around
+    them (chat head, "Context: ", end of turn). Found as the ids shared with the sender prompts of two
+    unrelated probe contexts, so token merges at the boundaries count as template."""
+    ids = sender_ids(tokenizer, context, system, layout)
+    start, tail = len(ids), len(ids)
+    for probe in ("0", "#"):
+        other = sender_ids(tokenizer, probe, system, layout)
+        start = min(start, next((i for i, (a, b) in enumerate(zip(ids, other)) if a != b), min(len(ids), len(other))))
+        same = next((i for i, (a, b) in enumerate(zip(ids[::-1], other[::-1])) if a != b), min(len(ids), len(other)))
+        tail = min(tail, same)
+    return start, max(start, len(ids) - tail)
+
+
 def sender_ids(tokenizer, context: str, system: str | None = DEFAULT_SYSTEM, layout: str = DEFAULT_LAYOUT) -> list[int]:
     return split_prompt(tokenizer, context, "?", system, layout=layout).sender_ids
 

@@ -28,9 +28,11 @@ from kvcomm.core.errors import DataError
 from kvcomm.core.files import write_atomic
 from kvcomm.core.fingerprint import fingerprint
 from kvcomm.core.models import LoadedModel, cache_dir
-from kvcomm.sharing.prompts import DEFAULT_LAYOUT, split_prompt
+from kvcomm.sharing.prompts import DEFAULT_LAYOUT, context_span, split_prompt
 from kvcomm.sharing.send_receive import receive_prefill, send
 
+SPANS = ("context", "sender")
+DEFAULT_SPAN = "sender"
 ALPHA_BY_FAMILY = {"llama": 1.0, "mistral": 1.0, "qwen2": 0.8, "qwen3": 0.8, "falcon": 0.8}
 
 
@@ -67,6 +69,7 @@ class Ranking:
     model: str = ""
     task: str = ""
     layout: str = DEFAULT_LAYOUT  # the prompt layout it was calibrated with, and serves
+    span: str = DEFAULT_SPAN  # the key columns Ŝ counts: every sender token, or the context's alone
 
     @property
     def num_layers(self) -> int:
@@ -94,24 +97,31 @@ class Ranking:
 
 @torch.no_grad()
 def importance_per_sample(lm: LoadedModel, samples: list[tuple[str, str]], progress: bool = False,
-                          answer_prefix: str = "", layout: str = DEFAULT_LAYOUT) -> torch.Tensor:
-    """Ŝ_l of each (context, question) sample, sender KV in every layer: [samples, layers]."""
+                          answer_prefix: str = "", layout: str = DEFAULT_LAYOUT, span: str = DEFAULT_SPAN) -> torch.Tensor:
+    """Ŝ_l of each (context, question) sample, sender KV in every layer: [samples, layers].
+
+    `span="sender"` counts attention on every sender token; `span="context"` only on the context's own
+    tokens (Eq. 1's c ∈ C), leaving out the sender's chat template, whose first token is the attention
+    sink that every query visits in every layer whatever the context says."""
     from tqdm.auto import tqdm
 
+    if span not in SPANS:
+        raise ValueError(f"span must be one of {SPANS}, got {span!r}")
     rows = []
     for context, question in tqdm(samples, desc="calibrating", disable=not progress, unit="sample"):
         split = split_prompt(lm.tokenizer, context, question, answer_prefix=answer_prefix, layout=layout)
         msg = send(lm, split.sender_ids)
-        rec = ImportanceRecorder(lm.num_layers, context_len=msg.seq_len)
+        start, end = context_span(lm.tokenizer, context, layout=layout) if span == "context" else (0, msg.seq_len)
+        rec = ImportanceRecorder(lm.num_layers, context_len=end, context_start=start)
         receive_prefill(lm, split.receiver_ids, [msg], recorder=rec)
         rows.append(rec.scores())
     return torch.stack(rows) if rows else torch.zeros(0, lm.num_layers, dtype=torch.float64)
 
 
 def attention_importance(lm: LoadedModel, samples: list[tuple[str, str]], progress: bool = False,
-                         answer_prefix: str = "", layout: str = DEFAULT_LAYOUT) -> torch.Tensor:
+                         answer_prefix: str = "", layout: str = DEFAULT_LAYOUT, span: str = DEFAULT_SPAN) -> torch.Tensor:
     """Ŝ_l averaged over (context, question) samples, sender KV in every layer."""
-    return importance_per_sample(lm, samples, progress, answer_prefix, layout).mean(0)
+    return importance_per_sample(lm, samples, progress, answer_prefix, layout, span).mean(0)
 
 
 def calibrate(
@@ -124,14 +134,15 @@ def calibrate(
     progress: bool = False,
     answer_prefix: str = "",
     layout: str = DEFAULT_LAYOUT,
+    span: str = DEFAULT_SPAN,
 ) -> Ranking:
     """The ranking of `samples` in the prompt `layout` it will serve (α by model family when None)."""
     if not samples:
         raise ValueError("calibration needs at least one (context, question) sample")
-    raw = attention_importance(lm, samples, progress, answer_prefix, layout)
+    raw = attention_importance(lm, samples, progress, answer_prefix, layout, span)
     alpha = default_alpha(lm.config.model_type) if alpha is None else alpha
     return Ranking(raw.tolist(), alpha, lm.num_layers / 2 if mu is None else mu, sigma, len(samples), lm.name, task,
-                   layout)
+                   layout, span)
 
 
 def ranking_path(lm: LoadedModel, task: str, layout: str = DEFAULT_LAYOUT) -> Path:

@@ -130,3 +130,17 @@ def test_eval_cli_names_a_bad_jsonl_line(tmp_path, capsys):
     bad.write_text('{"context": "c", "question": "q", "answers": ["a"]}\n{broken\n')
     assert main(["eval", "share", "--tasks", str(bad)]) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err
+
+
+def test_precision_sends_compressed_messages_and_is_part_of_the_run(tmp_path):
+    lm = make_tiny()
+    kw = dict(methods=["kvcomm"], ratios=[0.5], limit=2, max_new_tokens=2)
+    full = evaluate(lm, ["twohop"], out=tmp_path / "full", **kw)
+    int8 = evaluate(lm, ["twohop"], out=tmp_path / "int8", precision="int8", **kw)
+    assert int8["precision"] == "int8" and full["precision"] is None
+    b_full, b_int8 = (s["table"]["kvcomm@0.5"]["twohop"]["bytes"] for s in (full, int8))
+    assert 0 < b_int8 < 0.6 * b_full  # fp32 KV on CPU: int8 codes plus scales and header
+    with pytest.raises(DataError, match="precision"):
+        evaluate(lm, ["twohop"], out=tmp_path / "int8", precision="int4", **kw)  # another precision: refused
+    with pytest.raises(DataError, match="precision"):
+        evaluate(lm, ["twohop"], out=tmp_path / "int8", **kw)  # nor the model's dtype into an int8 run

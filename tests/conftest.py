@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -83,3 +84,14 @@ def embedded():
 def rand_ids(n: int, seed: int, vocab: int = 64) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+
+def split_message(data: bytes) -> tuple[dict, bytes]:
+    """A safetensors message as (header JSON, data section), for tests that edit headers."""
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
+
+
+def join_message(header: dict, body: bytes) -> bytes:
+    h = json.dumps(header).encode()
+    return len(h).to_bytes(8, "little") + h + body

@@ -21,7 +21,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny, rand_ids
+from conftest import join_message, make_tiny, rand_ids, split_message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -53,14 +53,6 @@ _NP = {"F32": np.float32, "F16": np.float16, "I8": np.int8, "U8": np.uint8, "F8_
 _FP8 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()  # code -> value table
 
 
-def split(data: bytes):
-    n = int.from_bytes(data[:8], "little")
-    return json.loads(data[8 : 8 + n]), data[8 + n :]
-
-
-def join(header: dict, body: bytes) -> bytes:
-    h = json.dumps(header).encode()
-    return len(h).to_bytes(8, "little") + h + body
 
 
 # ---- the independent check of an accepted message ------------------------------------------------
@@ -78,7 +70,7 @@ def expand(s, g, axis, t, d):
 
 
 def verify_accepted(data: bytes, msg, receiver) -> None:
-    header, body = split(data)
+    header, body = split_message(data)
     meta = header.pop("__metadata__")
     fp = json.loads(meta["fingerprint"])
     if receiver is not None:
@@ -151,7 +143,7 @@ def test_header_fields():
     rng, accepted = random.Random(1), 0
     for _ in range(N["header_fields"]):
         _, data = _bases(rng)
-        header, body = split(data)
+        header, body = split_message(data)
         meta = header["__metadata__"]
         for _ in range(rng.choice((1, 1, 2))):
             key = rng.choice(["precision", "group_size", "version", "dtype", "seq_len", "layers", "position_start",
@@ -169,7 +161,7 @@ def test_header_fields():
                 meta[key] = json.dumps(fp)
             else:
                 meta[key] = rng.choice(_JUNK)
-        accepted += check(join(header, body), rng.choice((_FP, None)))
+        accepted += check(join_message(header, body), rng.choice((_FP, None)))
     assert accepted > 0  # some mutations are harmless (e.g. an equivalent group size, position_start)
 
 
@@ -177,7 +169,7 @@ def test_tensor_entries():
     rng = random.Random(2)
     for _ in range(N["tensor_entries"]):
         _, data = _bases(rng)
-        header, body = split(data)
+        header, body = split_message(data)
         names = sorted(k for k in header if k != "__metadata__")
         name = rng.choice([n for n in names if "_" in n] * 3 + names)
         op = rng.randrange(7)
@@ -206,7 +198,7 @@ def test_tensor_entries():
             entry["data_offsets"], other["data_offsets"] = other["data_offsets"], entry["data_offsets"]
         else:
             header[f"{name.split('.')[0]}_zero.{name.split('.')[-1]}"] = dict(entry)
-        check(join(header, body))
+        check(join_message(header, body))
 
 
 def test_scale_values():
@@ -215,7 +207,7 @@ def test_scale_values():
     quantized = sorted(k for k in _BASES if k != "bf16")
     for _ in range(N["scale_values"]):
         data = _BASES[rng.choice(quantized)]
-        header, body = split(data)
+        header, body = split_message(data)
         names = sorted(k for k in header if "_scale." in k or "_zero." in k)
         body = bytearray(body)
         for _ in range(rng.choice((1, 1, 2, 3))):
@@ -223,7 +215,7 @@ def test_scale_values():
             a, b = header[name]["data_offsets"]
             i = a + 2 * rng.randrange((b - a) // 2)
             body[i : i + 2] = np.float16(rng.choice(special)).tobytes()
-        check(join(header, bytes(body)), rng.choice((_FP, None)))
+        check(join_message(header, bytes(body)), rng.choice((_FP, None)))
 
 
 def test_byte_flips():
@@ -252,10 +244,10 @@ def test_splice_header_of_one_message_on_the_body_of_another():
     rng = random.Random(6)
     for _ in range(N["splice"]):
         (na, a), (nb, b) = _bases(rng), _bases(rng)
-        header, _ = split(a)
-        _, body = split(b)
+        header, _ = split_message(a)
+        _, body = split_message(b)
         # the bases differ in precision or group size, so their data sections differ in layout and size
-        assert not check(join(header, body)) or na == nb
+        assert not check(join_message(header, body)) or na == nb
 
 
 _json = st.recursive(st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats() | st.text(max_size=8),
@@ -267,14 +259,14 @@ _json = st.recursive(st.none() | st.booleans() | st.integers(-(2**40), 2**40) | 
 @given(st.data())
 def test_hypothesis_header_values(data):
     """Any JSON value in any field of a quantized message's header (the style of test_fuzz_message.py)."""
-    header, body = split(_BASES[data.draw(st.sampled_from(["int8/4", "int4/4", "fp8/8"]))])
+    header, body = split_message(_BASES[data.draw(st.sampled_from(["int8/4", "int4/4", "fp8/8"]))])
     target = data.draw(st.sampled_from(sorted(header)))
     if target == "__metadata__":
         key = data.draw(st.sampled_from(sorted(header[target])))
         header[target][key] = data.draw(st.one_of(st.text(max_size=40), _json.map(json.dumps), _json))
     else:
         header[target][data.draw(st.sampled_from(["dtype", "shape", "data_offsets"]))] = data.draw(_json)
-    check(join(header, body), data.draw(st.sampled_from([_FP, None])))
+    check(join_message(header, body), data.draw(st.sampled_from([_FP, None])))
 
 
 @pytest.mark.parametrize("limit", [1, 100, 1000])

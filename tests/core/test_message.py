@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import struct
 
 import pytest
 import torch
-from conftest import make_tiny, rand_ids
+from conftest import join_message, make_tiny, rand_ids, split_message
 
 from kvcomm.core.errors import (
     CorruptMessageError,
@@ -33,14 +32,6 @@ def msg(lm):
     return send(lm, rand_ids(9, 31), layers=[1, 3], meta={"note": "hi"})
 
 
-def split(data: bytes):
-    n = struct.unpack("<Q", data[:8])[0]
-    return json.loads(data[8 : 8 + n]), data[8 + n :]
-
-
-def join(header: dict, body: bytes) -> bytes:
-    h = json.dumps(header).encode()
-    return struct.pack("<Q", len(h)) + h + body
 
 
 def test_roundtrip(lm, msg, tmp_path):
@@ -105,10 +96,10 @@ def test_garbage_and_foreign_safetensors_refused():
 
 
 def test_unknown_version_refused(msg):
-    header, body = split(encode(msg))
+    header, body = split_message(encode(msg))
     header["__metadata__"]["version"] = "99"
     with pytest.raises(UnsupportedVersionError, match="version '99'"):
-        decode(join(header, body))
+        decode(join_message(header, body))
 
 
 def test_oversize_refused(msg, tmp_path):
@@ -121,35 +112,35 @@ def test_oversize_refused(msg, tmp_path):
 
 
 def test_shape_and_dtype_mismatch_refused(msg):
-    header, body = split(encode(msg))
+    header, body = split_message(encode(msg))
     h = json.loads(json.dumps(header))
     h["k.1"]["shape"] = [1, 2, 8, 16]
     with pytest.raises(ShapeMismatchError, match="k.1"):
-        decode(join(h, body))
+        decode(join_message(h, body))
     h = json.loads(json.dumps(header))
     h["__metadata__"]["seq_len"] = "10"
     with pytest.raises(ShapeMismatchError):
-        decode(join(h, body))
+        decode(join_message(h, body))
     h = json.loads(json.dumps(header))
     h["v.3"]["dtype"] = "F16"
     with pytest.raises(ShapeMismatchError, match="v.3"):
-        decode(join(h, body))
+        decode(join_message(h, body))
     h = json.loads(json.dumps(header))
     h["__metadata__"]["layers"] = "[1, 3, 7]"
     with pytest.raises(ShapeMismatchError):
-        decode(join(h, body))
+        decode(join_message(h, body))
     h = json.loads(json.dumps(header))
     h["__metadata__"]["layers"] = "[1, 2]"
     with pytest.raises(ShapeMismatchError, match="missing"):
-        decode(join(h, body))
+        decode(join_message(h, body))
 
 
 def test_overlapping_offsets_refused(msg):
-    header, body = split(encode(msg))
+    header, body = split_message(encode(msg))
     names = sorted(k for k in header if k != "__metadata__")
     header[names[1]]["data_offsets"] = header[names[0]]["data_offsets"]
     with pytest.raises(CorruptMessageError):
-        decode(join(header, body))
+        decode(join_message(header, body))
 
 
 def test_error_messages_are_one_line(msg):

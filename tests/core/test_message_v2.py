@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import struct
 
 import pytest
 import torch
-from conftest import make_tiny, rand_ids
+from conftest import join_message, make_tiny, rand_ids, split_message
 
 from kvcomm.core.errors import (
     CorruptMessageError,
@@ -34,14 +33,6 @@ def msg(lm):
     return send(lm, rand_ids(37, 31), layers=[1, 3], meta={"note": "hi"})
 
 
-def split(data: bytes):
-    n = struct.unpack("<Q", data[:8])[0]
-    return json.loads(data[8 : 8 + n]), data[8 + n :]
-
-
-def join(header: dict, body: bytes) -> bytes:
-    h = json.dumps(header).encode()
-    return struct.pack("<Q", len(h)) + h + body
 
 
 def encode_v1(msg: KVMessage) -> bytes:
@@ -64,20 +55,20 @@ def encode_v1(msg: KVMessage) -> bytes:
 def test_version_1_messages_still_load(lm, msg, dtype):
     old = msg.to(dtype=dtype)
     data = encode_v1(old)
-    assert split(data)[0]["__metadata__"]["version"] == "1"
+    assert split_message(data)[0]["__metadata__"]["version"] == "1"
     back = decode(data, fingerprint(lm.model, lm.tokenizer))
     assert back.layers == [1, 3] and back.meta["note"] == "hi" and back.dtype == dtype
     assert back.precision == {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype] and back.group_size == 0
     for a, b in zip(old.keys + old.values, back.keys + back.values):
         assert torch.equal(a, b)
     # version-1 rules are unchanged: a scale tensor has no place in a version-1 message
-    header, body = split(data)
+    header, body = split_message(data)
     header["__metadata__"]["precision"] = "int8"  # ignored by version 1
-    assert decode(join(header, body)).precision == back.precision
+    assert decode(join_message(header, body)).precision == back.precision
 
 
 def test_default_encoding_is_version_2_of_the_messages_own_dtype(msg):
-    meta = split(encode(msg))[0]["__metadata__"]
+    meta = split_message(encode(msg))[0]["__metadata__"]
     assert (meta["version"], meta["precision"], meta["group_size"], meta["dtype"]) == ("2", "fp32", "0", "F32")
 
 
@@ -136,49 +127,49 @@ def test_bytes_per_context_token_ratios_llama_8b():
 # ---- refusals of version-2 specifics (each with its own error class) ------------------------------
 
 def test_unknown_precision_and_bad_group_size_refused(msg):
-    header, body = split(encode(msg, "int8"))
+    header, body = split_message(encode(msg, "int8"))
     for value, err in (("int2", UnsupportedVersionError), ("", UnsupportedVersionError), ("fp32", CorruptMessageError),
                        ("int4", ShapeMismatchError), ("fp8", ShapeMismatchError)):
         h = json.loads(json.dumps(header))
         h["__metadata__"]["precision"] = value
         with pytest.raises(err):
-            decode(join(h, body))
+            decode(join_message(h, body))
     for value in ("0", "-1", "x", "", str(2**40), "1e3"):
         h = json.loads(json.dumps(header))
         h["__metadata__"]["group_size"] = value
         with pytest.raises(CorruptMessageError, match="group_size"):
-            decode(join(h, body))
+            decode(join_message(h, body))
     h = json.loads(json.dumps(header))
     del h["__metadata__"]["precision"]
     with pytest.raises(UnsupportedVersionError):
-        decode(join(h, body))
-    h, b = split(encode(msg))
+        decode(join_message(h, body))
+    h, b = split_message(encode(msg))
     h["__metadata__"]["group_size"] = "128"  # dense messages have no groups
     with pytest.raises(CorruptMessageError, match="group_size"):
-        decode(join(h, b))
+        decode(join_message(h, b))
 
 
 def test_scale_tensor_shape_dtype_and_presence_checked(msg):
-    header, body = split(encode(msg, "int4", 16))
+    header, body = split_message(encode(msg, "int4", 16))
     for name, field, value in (("k_scale.1", "shape", [1, 2, 2, 16]), ("v_scale.3", "shape", [1, 2, 37, 2]),
                                ("k_scale.1", "dtype", "F32"), ("v_zero.1", "dtype", "BF16"), ("k.3", "dtype", "I8")):
         h = json.loads(json.dumps(header))
         h[name][field] = value
         with pytest.raises(ShapeMismatchError, match=name.replace(".", r"\.")):
-            decode(join(h, body))
+            decode(join_message(h, body))
     h = json.loads(json.dumps(header))
     del h["k_zero.3"]
     with pytest.raises(ShapeMismatchError, match="missing"):
-        decode(join(h, body))
-    h, b = split(encode(msg, "int8"))
+        decode(join_message(h, body))
+    h, b = split_message(encode(msg, "int8"))
     h["k_zero.1"] = dict(h["k_scale.1"])  # int8 has no zero points
     with pytest.raises(ShapeMismatchError, match="unexpected"):
-        decode(join(h, b))
+        decode(join_message(h, b))
 
 
 def _patch_tensor(data: bytes, name: str, fn) -> bytes:
     """Rewrite one tensor's bytes in place (same size) with fn(tensor) -> tensor."""
-    header, body = split(data)
+    header, body = split_message(data)
     a, b = header[name]["data_offsets"]
     dtype = {"F16": torch.float16, "U8": torch.uint8, "I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn}[header[name]["dtype"]]
     t = torch.frombuffer(bytearray(body[a:b]), dtype=dtype).clone()

@@ -1,5 +1,7 @@
-"""Dequantization alone on the GPU: the KV of 16 layers of an 8B model (8 KV heads, 128 channels),
-keys per channel and values per token as messages carry them, codes already on the device; median of 20.
+"""The receiver's GPU cost of a compressed message: all 16 layers' keys and values of an 8B model
+(8 KV heads, 128 channels) already on the device, through `kvcomm.core.message.layer_tensors`:
+scale checks, dequantization of the stacked layers, finiteness check. Median of 20. `--per-layer`
+dequantizes layer by layer instead (the decoder before batching), for comparison.
 
   python benchmarks/dequant_micro.py --out results/quant-ttft/dequant_micro.json
 """
@@ -13,7 +15,11 @@ import time
 
 import torch
 
+from kvcomm.core.message import layer_tensors
 from kvcomm.core.quant import dequantize, quantize
+
+LAYERS, HEADS, DIM = 16, 8, 128
+AXIS = {"k": "token", "v": "channel"}  # as messages carry them: keys per channel, values per token
 
 
 def main() -> None:
@@ -21,28 +27,37 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.manual_seed(0)
-    layers, heads, dim = 16, 8, 128
     rows = []
     for n in (1024, 4096, 16384):
-        k = torch.randn(layers, 1, heads, n, dim, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn(layers, 1, heads, n, dim, device="cuda", dtype=torch.bfloat16)
+        shape = [1, HEADS, n, DIM]
+        kv = {kind: torch.randn(LAYERS, *shape, device="cuda", dtype=torch.bfloat16) for kind in "kv"}
         for p in ("fp8", "int8", "int4"):
-            qk = [quantize(k[i], p, 128, axis="token") for i in range(layers)]  # as messages: keys grouped along tokens
-            qv = [quantize(v[i], p, 128, axis="channel") for i in range(layers)]  # values along channels
+            tensors, quantized = {}, []
+            for kind, x in kv.items():
+                for layer in range(LAYERS):
+                    q = quantize(x[layer], p, 128, AXIS[kind])
+                    quantized.append(q)
+                    for part, t in q.parts().items():
+                        tensors[f"{kind}.{layer}" if part == "codes" else f"{kind}_{part}.{layer}"] = t
+            layers = list(range(LAYERS))
 
-            def run(qk=qk, qv=qv):
-                return [dequantize(q, torch.bfloat16) for q in qk + qv]
+            def batched(tensors=tensors, layers=layers, p=p, shape=shape):
+                return [layer_tensors(tensors, kind, layers, p, 128, shape, torch.bfloat16, "cuda") for kind in "kv"]
 
-            run()
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(20):
-                t = time.perf_counter()
-                run()
+            def per_layer(quantized=quantized):
+                return [dequantize(q, torch.bfloat16) for q in quantized]
+
+            for name, fn in (("batched", batched), ("per_layer", per_layer)):
+                fn()
                 torch.cuda.synchronize()
-                times.append((time.perf_counter() - t) * 1e3)
-            rows.append({"context_tokens": n, "precision": p, "dequantize_ms": statistics.median(times)})
-            print(json.dumps(rows[-1]), flush=True)
+                times = []
+                for _ in range(20):
+                    t = time.perf_counter()
+                    fn()
+                    torch.cuda.synchronize()
+                    times.append((time.perf_counter() - t) * 1e3)
+                rows.append({"context_tokens": n, "precision": p, "path": name, "ms": statistics.median(times)})
+                print(json.dumps(rows[-1]), flush=True)
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)
 

@@ -211,24 +211,36 @@ def _expected_tensors(layers, precision: str, g: int, shape: list[int]) -> dict[
     return expected
 
 
-def _layer_tensor(tensors, kind: str, layer: int, precision: str, g: int, shape, dtype, device) -> torch.Tensor:
-    """One key or value tensor of the message: checked scales, dequantized on `device` into `dtype`, finite."""
-    name = f"{kind}.{layer}"
+def _first_bad(ok: torch.Tensor, layers: list[int]) -> int | None:
+    """The first layer whose check failed (`ok` holds one bool per layer), or None: one device sync."""
+    bad = (~ok).nonzero()
+    return None if bad.numel() == 0 else layers[int(bad[0])]
+
+
+def layer_tensors(tensors, kind: str, layers: list[int], precision: str, g: int, shape, dtype, device) -> list[torch.Tensor]:
+    """All layers' key (or value) tensors: scales checked, moved to `device`, dequantized into `dtype`
+    in one batched pass over the stacked layers (a handful of kernels, not a handful per layer), finite.
+    Each check runs over every layer at once and names the first layer that fails it."""
+    def stack(fmt: str) -> torch.Tensor:
+        return torch.stack([tensors[fmt.format(kind=kind, layer=layer)].to(device) for layer in layers])
+
     if precision in DENSE:
-        t = tensors[name].to(device=device, dtype=dtype)
+        x = stack("{kind}.{layer}").to(dtype)
     else:
-        scale, zero = tensors[f"{kind}_scale.{layer}"], tensors.get(f"{kind}_zero.{layer}")
-        if not torch.isfinite(scale).all():
+        scale = stack("{kind}_scale.{layer}")
+        zero = stack("{kind}_zero.{layer}") if f"{kind}_zero.{layers[0]}" in tensors else None
+        per_layer = scale.flatten(1)
+        if (layer := _first_bad(torch.isfinite(per_layer).all(1), layers)) is not None:
             raise NonFiniteError(f"scale tensor {kind}_scale.{layer} holds NaN or Inf; the sender's file is broken")
-        if not (scale > 0).all():
+        if (layer := _first_bad((per_layer > 0).all(1), layers)) is not None:
             raise CorruptMessageError(f"scale tensor {kind}_scale.{layer} holds zero or negative scales (corrupt file)")
-        if zero is not None and not torch.isfinite(zero).all():
+        if zero is not None and (layer := _first_bad(torch.isfinite(zero.flatten(1)).all(1), layers)) is not None:
             raise NonFiniteError(f"zero-point tensor {kind}_zero.{layer} holds NaN or Inf; the sender's file is broken")
-        q = Quantized(precision, g, _KV_AXIS[kind], tuple(shape), tensors[name], scale, zero)
-        t = dequantize(q.to(device), dtype)
-    if not torch.isfinite(t).all():
+        q = Quantized(precision, g, _KV_AXIS[kind], (len(layers), *shape), stack("{kind}.{layer}"), scale, zero)
+        x = dequantize(q, dtype)
+    if (layer := _first_bad(torch.isfinite(x.flatten(1)).all(1), layers)) is not None:
         raise NonFiniteError(f"layer {layer} of the message holds NaN or Inf values; the sender's model or file is broken")
-    return t
+    return list(x.unbind(0))
 
 
 def decode(
@@ -283,8 +295,8 @@ def decode(
     check_tensors(header, _expected_tensors(layers, precision, g, shape), body)
     tensors = load_tensors(data)
     out_dtype = dtype or DTYPES[dtype_name]
-    keys = [_layer_tensor(tensors, "k", layer, precision, g, shape, out_dtype, device) for layer in layers]
-    values = [_layer_tensor(tensors, "v", layer, precision, g, shape, out_dtype, device) for layer in layers]
+    keys = layer_tensors(tensors, "k", layers, precision, g, shape, out_dtype, device)
+    values = layer_tensors(tensors, "v", layers, precision, g, shape, out_dtype, device)
     try:
         extra = json.loads(meta.get("meta", "{}"))
     except (ValueError, TypeError, RecursionError):

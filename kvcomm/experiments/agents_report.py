@@ -56,6 +56,7 @@ def run_modes(lm, config: AgentsConfig, progress: bool = True) -> dict:
                     "items": len(workload.items), "model": lm.name if lm else c.model,
                     "device": str(lm.device) if lm else f"ray actors ({c.cluster.device or 'auto'})", "backend": backend,
                     "concurrency": batch, "gamma": c.pool.gamma, "tau": c.pool.tau, "sink_head": c.reuse.sink_head,
+                    "offset_precision": c.pool.offset_precision,
                     "refresh_tail": c.reuse.refresh_tail, "max_new_tokens": c.reuse.max_new_tokens,
                     "modes": {}}
     for mode in c.modes:

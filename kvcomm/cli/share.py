@@ -48,6 +48,13 @@ def check_precision_args(args) -> None:
                           "drop --group-size or pick a quantized precision")
 
 
+def add_sender_args(p) -> None:
+    """What every verb that prefills a context takes: the model, the layer selection, the prompt layout."""
+    add_model_args(p)
+    add_selection_args(p)
+    add_layout_arg(p)
+
+
 def selection_of(args):
     from kvcomm.sharing.selection import Selection
 
@@ -201,18 +208,14 @@ def add_parsers(sub) -> None:
     from kvcomm.core.message import DEFAULT_MAX_BYTES
 
     p = sub.add_parser("demo", help="Baseline vs Skyline vs KVComm on one context question (embedded model)")
-    add_model_args(p)
-    add_selection_args(p)
-    add_layout_arg(p)
+    add_sender_args(p)
     p.add_argument("--context", default=DEMO_CONTEXT)
     p.add_argument("--question", default=DEMO_QUESTION)
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("share", help="a sender reads the context, a receiver answers with the shared KV")
-    add_model_args(p)
-    add_selection_args(p)
-    add_layout_arg(p)
+    add_sender_args(p)
     p.add_argument("--context", required=True, help="context text, or @file")
     p.add_argument("--question", required=True, help="question text, or @file")
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
@@ -221,9 +224,7 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_share)
 
     p = sub.add_parser("send", help="prefill a context and write the selected layers' KV as a message file")
-    add_model_args(p)
-    add_selection_args(p)
-    add_layout_arg(p)
+    add_sender_args(p)
     p.add_argument("--context", required=True, help="context text, or @file")
     p.add_argument("--out", required=True, help="message file to write, or - for stdout")
     add_precision_args(p, "to store")

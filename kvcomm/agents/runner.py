@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 from kvcomm.agents.workloads import Item, Workload
 from kvcomm.core.models import LoadedModel
 from kvcomm.reuse.anchors import PoolConfig
-from kvcomm.reuse.engine import CallResult, Content, Engine, ReuseConfig, ReuseEngine
+from kvcomm.reuse.engine import CallResult, Content, Engine, ReuseConfig, ReuseEngine, parse_setting
 from kvcomm.reuse.templates import AgentTemplate
 
 TOPOLOGIES = ("fully_connected", "chain", "star")
@@ -151,10 +151,12 @@ def reuse_rate(results: list[ItemResult], skip_items: int = 0) -> float:
     return sum(c["path"] == "reuse" for c in calls) / max(1, len(calls))
 
 
-def make_engine(lm: LoadedModel | None, mode: str, config: ReuseConfig = ReuseConfig(), pool: PoolConfig = PoolConfig(),
+def make_engine(lm: LoadedModel | None, setting: str, config: ReuseConfig = ReuseConfig(), pool: PoolConfig = PoolConfig(),
                 model: str | None = None, cluster=None) -> Engine:
     """A local `ReuseEngine` over `lm` with its own anchor pool, or, given a `RayConfig` as `cluster`, a
-    `RayEngine` whose actors each load `model` (then `lm` may be None)."""
+    `RayEngine` whose actors each load `model` (then `lm` may be None). `setting` is a mode or a mode
+    with options (`parse_setting`: dense, prefix, reuse, blend@0.15, cacheblend@0.15, ...)."""
+    mode, config = parse_setting(setting, config)
     if cluster is not None:
         from kvcomm.agents.remote import RayEngine
 

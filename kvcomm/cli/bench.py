@@ -20,6 +20,20 @@ def parts(value: str) -> tuple[str, ...]:
     return chosen
 
 
+def settings(value: str) -> tuple[str, ...]:
+    from kvcomm.reuse.engine import parse_setting
+
+    chosen = tuple(x.strip() for x in value.split(",") if x.strip())
+    try:
+        for x in chosen:
+            parse_setting(x)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not chosen:
+        raise argparse.ArgumentTypeError("give at least one setting")
+    return chosen
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="TTFT and bytes: dense vs prefix caching vs KV reuse, KVComm vs Skyline vs NLD")
     p.add_argument("--preset", choices=sorted(PRESETS), default="gpu" if torch.cuda.is_available() else "cpu",
@@ -30,6 +44,9 @@ def add_parser(sub) -> None:
     p.add_argument("--parts", type=parts, default="reuse,sweep,sharing", help="comma list of reuse, sweep, sharing")
     p.add_argument("--out", default="benchmarks/results/local", help="folder for bench.json and bench.png")
     p.add_argument("--fresh", action="store_true", help="ignore finished parts in --out and run everything again")
+    p.add_argument("--reuse-settings", type=settings, default="dense,prefix,reuse",
+                   help="comma list of reuse-part settings: dense, prefix, reuse, blend@R[:select], cacheblend@R[:select] "
+                        "(e.g. dense,reuse,blend@0.05,blend@0.15,blend@0.3)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of one reuse call and one receiver prefill")
     p.set_defaults(func=cmd_bench)
 
@@ -39,7 +56,7 @@ def cmd_bench(args) -> int:
         print(profile_calls(args.preset, Path(args.out), args.device))
         return 0
     config = BenchConfig(preset=args.preset, device=args.device, repeats=args.repeats, anchors=args.anchors,
-                         parts=args.parts, fresh=args.fresh)
+                         parts=args.parts, fresh=args.fresh, reuse_settings=args.reuse_settings)
     run_bench(config, Path(args.out))
     print(f"wrote {Path(args.out) / 'bench.json'}")
     return 0

@@ -47,7 +47,7 @@ from kvcomm.experiments.bench_models import (
     random_request,
 )
 from kvcomm.reuse.anchors import AnchorPool
-from kvcomm.reuse.engine import ReuseConfig, ReuseEngine
+from kvcomm.reuse.engine import ReuseConfig, ReuseEngine, parse_setting
 from kvcomm.sharing.selection import layers_for
 from kvcomm.sharing.send_receive import receive_prefill, send
 
@@ -56,6 +56,8 @@ ONE_TOKEN = ReuseConfig(max_new_tokens=1)  # TTFT is all a speed benchmark times
 
 def bench_reuse(lm, n_agents: int, prefix: int, user: int, reply: int, anchors: int = 4, repeats: int = 5,
                 modes=("dense", "prefix", "reuse"), progress=None) -> dict:
+    """Median TTFT per agent position for each setting in `modes` (`parse_setting` names: dense, prefix,
+    reuse, blend@0.15, cacheblend@0.15, ...)."""
 
     vocab = lm.config.vocab_size
     g = torch.Generator().manual_seed(1)
@@ -72,10 +74,11 @@ def bench_reuse(lm, n_agents: int, prefix: int, user: int, reply: int, anchors: 
         return rows
 
     out = {}
-    for mode in modes:
+    for setting in modes:
+        mode, config = parse_setting(setting, ONE_TOKEN)
         pool = AnchorPool(max_anchors=max(anchors, 1), byte_budget=1 << 40, gamma=1.0)
-        engine = ReuseEngine(lm, mode, pool=pool, config=ONE_TOKEN)
-        warm = ReuseEngine(lm, mode, pool=pool, config=ONE_TOKEN, force_new_anchors=True) if mode == "reuse" else engine
+        engine = ReuseEngine(lm, mode, pool=pool, config=config)
+        warm = ReuseEngine(lm, mode, pool=pool, config=config, force_new_anchors=True) if mode == "reuse" else engine
         for s in range(max(anchors, 1)):
             warm._templates = engine._templates
             run(warm, 1000 + s)  # fills the pool (reuse) and warms kernels and allocator (all modes)
@@ -86,9 +89,9 @@ def bench_reuse(lm, n_agents: int, prefix: int, user: int, reply: int, anchors: 
             per_agent.append({"agent": k + 1, "ttft_ms": statistics.median(ttfts), "ttft_ms_all": ttfts,
                               "path": measured[-1][k][1], "prompt_tokens": measured[-1][k][2],
                               "prefilled_tokens": measured[-1][k][3]})
-        out[mode] = {"per_agent": per_agent, "pool_bytes": pool.nbytes, "pool_anchors": pool.stats().anchors}
+        out[setting] = {"per_agent": per_agent, "pool_bytes": pool.nbytes, "pool_anchors": pool.stats().anchors}
         if progress:
-            progress(mode)
+            progress(setting)
         del engine, warm, pool
         if lm.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -210,7 +213,8 @@ def _resumable(path: Path, key: dict, fresh: bool, console) -> dict:
 class BenchConfig:
     """One benchmark run. preset: 'gpu' (Llama-3.1-8B architecture, random bf16 weights) or 'cpu' (a small
     Llama); repeats: measured requests per setting (median reported); anchors: anchors per placeholder in
-    the pool while timing; parts: any of reuse, sweep, sharing; fresh: ignore finished parts in the output."""
+    the pool while timing; parts: any of reuse, sweep, sharing; fresh: ignore finished parts in the output;
+    reuse_settings: the settings of the reuse part (`parse_setting` names)."""
 
     preset: str = "cpu"
     device: str | None = None
@@ -218,6 +222,7 @@ class BenchConfig:
     anchors: int = 4
     parts: tuple[str, ...] = PARTS
     fresh: bool = False
+    reuse_settings: tuple[str, ...] = ("dense", "prefix", "reuse")
 
 
 def run_bench(config: BenchConfig, out: Path) -> dict:
@@ -231,7 +236,8 @@ def run_bench(config: BenchConfig, out: Path) -> dict:
     with console.status("building the random-weight model …"):
         lm = random_model(preset, config.device)
     env = environment(lm)
-    key = {"preset": preset, "repeats": repeats, "anchors": anchors, "device": env["device"], "dtype": env["dtype"]}
+    key = {"preset": preset, "repeats": repeats, "anchors": anchors, "device": env["device"], "dtype": env["dtype"],
+           "reuse_settings": list(config.reuse_settings)}
     out.mkdir(parents=True, exist_ok=True)
     path = out / "bench.json"
     report = _resumable(path, key, config.fresh, console)
@@ -243,8 +249,8 @@ def run_bench(config: BenchConfig, out: Path) -> dict:
         write_atomic(path, json.dumps(report, indent=1))
 
     if "reuse" in parts and "reuse" not in report:
-        with console.status("reuse: dense / prefix / reuse …"):
-            report["reuse"] = bench_reuse(lm, n_agents, prefix, user, reply, anchors, repeats)
+        with console.status(f"reuse: {' / '.join(config.reuse_settings)} …"):
+            report["reuse"] = bench_reuse(lm, n_agents, prefix, user, reply, anchors, repeats, config.reuse_settings)
         save()
     if "reuse" in report:
         _print_reuse(console, report["reuse"])

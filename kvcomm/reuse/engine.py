@@ -11,8 +11,14 @@
           re-rotated to their real positions, and the last prompt token is run through the model to
           give the first logits. If any placeholder is not shareable, the call falls back to a dense
           prefill and records that placeholder as a new anchor (deltas staged until the request ends).
-          Options beyond the paper: `sink_head` (how stand-alone contents are encoded, see `base_kv`)
-          and `refresh_tail` (prefill the last template segment, see `_tail_start`).
+          Options beyond the paper: `sink_head` (how stand-alone contents are encoded, see `base_kv`),
+          `refresh_tail` (prefill the last template segment, see `_tail_start`), `recompute` (also
+          recompute a fraction of the reused tokens, `kvcomm.reuse.blend`) and `offsets=False`
+          (no anchors or offsets at all: re-rotated base KV plus recompute, the CacheBlend way).
+
+Settings name a mode and its options in one string (`parse_setting`): dense, prefix, reuse (the
+paper), blend@R[:select] (offsets + recompute of a fraction R), cacheblend@R[:select] (recompute
+without offsets).
 
 Timing: TTFT is measured from the start of the call to the first token's logits, including base-KV
 prefills, anchor matching and cache assembly. Template KV is precomputed when an agent template is
@@ -22,7 +28,7 @@ first seen (outside the timed region), as the paper does.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -32,6 +38,7 @@ from kvcomm.core.kv import KVBlock, cache_to_block, move, prefill
 from kvcomm.core.models import LoadedModel
 from kvcomm.core.rope import rerotate
 from kvcomm.reuse.anchors import AgentDelta, AnchorPool, KVPool, content_key
+from kvcomm.reuse.blend import SELECTORS, choose, recompute
 from kvcomm.reuse.templates import AgentTemplate, shared_head_ids
 
 MODES = ("dense", "prefix", "reuse")
@@ -46,12 +53,46 @@ class ReuseConfig:
                     (see `ReuseEngine.base_kv`); False is the paper's choice
     refresh_tail    prefill the last template segment over the reused KV (see `ReuseEngine._tail_start`)
     prefix_slots    prompts remembered per agent by the prefix-caching mode
+    recompute       fraction of the reused tokens whose KV is recomputed on the reuse path (0 = the paper)
+    select          how those tokens are picked: deviation | offset | first (`kvcomm.reuse.blend`)
+    offsets         estimate offsets from anchors (the paper); False reuses re-rotated base KV as is,
+                    needs no anchors and never falls back to dense (CacheBlend's way)
     """
 
     max_new_tokens: int = 64
     sink_head: bool = True
     refresh_tail: bool = False
     prefix_slots: int = 4
+    recompute: float = 0.0
+    select: str = "deviation"
+    offsets: bool = True
+
+    def __post_init__(self):
+        if not 0.0 <= self.recompute <= 1.0:
+            raise ValueError(f"recompute must be a fraction in [0, 1], got {self.recompute}")
+        if self.select not in SELECTORS:
+            raise ValueError(f"select must be one of {SELECTORS}, got {self.select!r}")
+
+
+def parse_setting(setting: str, base: ReuseConfig = ReuseConfig()) -> tuple[str, ReuseConfig]:
+    """(engine mode, config) for a setting name: dense | prefix | reuse | blend@R[:select] | cacheblend@R[:select].
+
+    `blend@0.15` is the paper's reuse plus recompute of 15% of the reused tokens (picked by layer-1
+    value deviation unless `:offset` or `:first` says otherwise); `cacheblend@0.15` the same without
+    anchors or offsets."""
+    name, _, rest = setting.partition("@")
+    if name in MODES and not rest:
+        return name, base
+    if name in ("blend", "cacheblend") and rest:
+        frac, _, select = rest.partition(":")
+        try:
+            r = float(frac)
+        except ValueError:
+            r = -1.0
+        if 0.0 <= r <= 1.0:
+            return "reuse", replace(base, recompute=r, select=select or base.select, offsets=name == "blend")
+    raise ValueError(f"unknown setting {setting!r}: use dense, prefix, reuse, blend@R[:select] or cacheblend@R[:select] "
+                     f"with 0 <= R <= 1 and select in {SELECTORS}")
 
 
 @dataclass
@@ -205,7 +246,7 @@ class ReuseEngine:
         del store[self.config.prefix_slots :]
 
     def _reuse_call(self, agent, tkv: TemplateKV, ids, spans, contents, request):
-        lm = self.lm
+        lm, cfg = self.lm, self.config
         agent_key = agent.pool_key
         prefilled = 0
         bases: dict[str, KVBlock] = {}
@@ -213,22 +254,35 @@ class ReuseEngine:
         for name in agent.names:
             bases[name], n = self.base_kv(contents[name])
             prefilled += n
-            matches[name] = None if self.force_new_anchors else self.pool.match(name, agent_key, bases[name])
+            if cfg.offsets:
+                matches[name] = None if self.force_new_anchors else self.pool.match(name, agent_key, bases[name])
         if any(m is None for m in matches.values()):
             logits, cache = _run(lm, ids)
             self._record(agent, tkv, cache, spans, contents, bases, matches, agent_key, request)
             return logits, cache, "dense", prefilled + len(ids), {}
-        pieces = []
+        pieces, offsets = [], []
         for kind, _, _ in spans[1:]:
             if kind.startswith("p"):
                 i = int(kind[1:])
-                pieces.append(add_offset(tkv.segments[i - 1], matches[agent.names[i - 1]].segment_offset))
+                base, m = tkv.segments[i - 1], matches.get(agent.names[i - 1])
+                offset = m.segment_offset if m is not None else None
             else:
-                pieces.append(add_offset(bases[kind], matches[kind].placeholder_offset))
+                base, m = bases[kind], matches.get(kind)
+                offset = m.placeholder_offset if m is not None else None
+            pieces.append(add_offset(base, offset) if offset is not None else base)
+            offsets.append(offset.v[:, :, : base.n] if offset is not None else torch.zeros_like(base.v))
         full = assemble(lm, tkv.p0, spans, pieces)
         t = self._tail_start(spans, len(ids))
+        entropies = {k: m.entropy for k, m in matches.items()}
+        if cfg.recompute > 0:
+            value_offsets = None
+            if cfg.select == "offset":
+                value_offsets = torch.cat([torch.zeros_like(tkv.p0.v), *offsets], 2)[:, :, :t]
+            picked, extra = choose(lm, cfg.select, cfg.recompute, ids, spans, full.slice(0, t), value_offsets)
+            logits, cache = recompute(lm, ids, full.slice(0, t), picked)
+            return logits, cache, "reuse", prefilled + len(ids) - t + len(picked) + round(extra), entropies
         logits, cache = _run(lm, ids[t:], full.slice(0, t))
-        return logits, cache, "reuse", prefilled + len(ids) - t, {k: m.entropy for k, m in matches.items()}
+        return logits, cache, "reuse", prefilled + len(ids) - t, entropies
 
     def _tail_start(self, spans, n: int) -> int:
         """First prompt token that is run through the model on the reuse path.

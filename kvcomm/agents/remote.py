@@ -57,12 +57,13 @@ def _ray():
 
 
 # ---- KV on the wire ---------------------------------------------------------------------------------
-def block_to_bytes(block: KVBlock, fp: Fingerprint, kind: str = "kv") -> bytes:
-    """A KVBlock [layers, kv_heads, n, head_dim] as a validated-format message (all layers, positions from 0)."""
+def block_to_bytes(block: KVBlock, fp: Fingerprint, kind: str = "kv", precision: str | None = None) -> bytes:
+    """A KVBlock [layers, kv_heads, n, head_dim] as a validated-format message (all layers, positions from
+    0), at `precision` (None: the block's dtype; see `kvcomm.core.message.encode`)."""
     layers = block.k.shape[0]
     msg = KVMessage(list(range(layers)), [block.k[i : i + 1] for i in range(layers)],
                     [block.v[i : i + 1] for i in range(layers)], fp, 0, {"kind": kind})
-    return encode(msg)
+    return encode(msg, precision)
 
 
 def block_from_bytes(data: bytes, fp: Fingerprint, device=None, dtype=None) -> KVBlock:
@@ -193,12 +194,13 @@ class AgentActor:
             base = block_from_bytes(data, self.fp, self.lm.device, self.lm.dtype) if data is not None else None
             local[name] = Content(list(ids), base)
         res = self.engine.call(agent, local, request)
-        new_bases = {name: block_to_bytes(local[name].base, self.fp, "base")
+        wire = self.engine.config.kv_precision
+        new_bases = {name: block_to_bytes(local[name].base, self.fp, "base", wire)
                      for name, (_, src) in contents.items() if src is None and local[name].base is not None}
         record = {"agent": res.agent, "path": res.path, "reply_ids": res.reply_ids, "ttft_s": res.ttft_s,
                   "total_s": res.total_s, "prompt_tokens": res.prompt_tokens, "prefilled_tokens": res.prefilled_tokens,
                   "matched": res.matched, "new_bases": new_bases}
-        reply = block_to_bytes(res.reply.base, self.fp, "reply") if res.reply.base is not None else None
+        reply = block_to_bytes(res.reply.base, self.fp, "reply", wire) if res.reply.base is not None else None
         return record, reply
 
 

@@ -9,6 +9,16 @@ from pathlib import Path
 from kvcomm.cli.common import add_model_args, bounded, console, load, positive_int
 
 
+def setting(value: str) -> str:
+    from kvcomm.reuse.engine import parse_setting
+
+    try:
+        parse_setting(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("agents", help="multi-agent workload in dense / prefix / reuse modes, side by side")
     add_model_args(p)
@@ -16,8 +26,10 @@ def add_parser(sub) -> None:
     p.add_argument("--agents", type=bounded(int, 1, 16), default=5, help="number of agents (default 5)")
     p.add_argument("--topology", choices=["fully_connected", "chain", "star"], default="fully_connected")
     p.add_argument("--rounds", type=positive_int, default=1)
-    p.add_argument("--mode", action="append", choices=["dense", "prefix", "reuse"],
-                   help="execution mode; repeat to compare (default: dense and reuse)")
+    p.add_argument("--mode", action="append", type=setting,
+                   help="execution setting; repeat to compare (default: dense and reuse): dense, prefix (exact prefix "
+                        "caching), reuse (KVCOMM's offsets), blend@R[:select] (offsets + recompute of a fraction R of the "
+                        "reused tokens, picked by deviation, offset or first), cacheblend@R[:select] (recompute without offsets)")
     p.add_argument("--limit", type=positive_int, default=10, help="workload items (default 10)")
     p.add_argument("--warmup", type=bounded(int, 0), default=2, help="items excluded from the after-warm-up reuse rate (default 2)")
     p.add_argument("--max-new-tokens", type=positive_int, default=32)

@@ -48,6 +48,9 @@ class KVBlock:
     def __add__(self, other: KVBlock) -> KVBlock:
         return KVBlock(self.k + other.k, self.v + other.v)
 
+    def to_dtype(self, dtype: torch.dtype) -> KVBlock:
+        return KVBlock(self.k.to(dtype), self.v.to(dtype))
+
 
 def ids_tensor(ids, device) -> torch.Tensor:
     """Token ids (a list or a 1-D/2-D tensor) as a [1, n] long tensor on `device`."""

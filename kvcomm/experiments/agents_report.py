@@ -71,7 +71,7 @@ def run_modes(lm, config: AgentsConfig, progress: bool = True) -> dict:
             results += runner.run_batch(chunk, workers=batch) if batch > 1 else [runner.run_item(chunk[0])]
             bar.update(len(chunk))
         bar.close()
-        stats = engine.pool.stats() if mode == "reuse" else None
+        stats = engine.pool.stats() if engine.mode == "reuse" else None
         if backend == "ray":
             engine.shutdown()
         calls = [call for r in results for call in r.calls]

@@ -36,8 +36,9 @@ import torch
 from kvcomm.core.generation import greedy_continue, stop_ids, sync
 from kvcomm.core.kv import KVBlock, cache_to_block, move, prefill
 from kvcomm.core.models import LoadedModel
+from kvcomm.core.quant import PRECISIONS
 from kvcomm.core.rope import rerotate
-from kvcomm.reuse.anchors import AgentDelta, AnchorPool, KVPool, content_key
+from kvcomm.reuse.anchors import AgentDelta, AnchorPool, KVPool, content_key, pack, unpacked
 from kvcomm.reuse.blend import SELECTORS, choose, recompute
 from kvcomm.reuse.templates import AgentTemplate, shared_head_ids
 
@@ -57,6 +58,10 @@ class ReuseConfig:
     select          how those tokens are picked: deviation | offset | first (`kvcomm.reuse.blend`)
     offsets         estimate offsets from anchors (the paper); False reuses re-rotated base KV as is,
                     needs no anchors and never falls back to dense (CacheBlend's way)
+    kv_precision    precision of the KV one agent hands another (replies' KV, stand-alone contents' base
+                    KV), as a KV message at that precision would deliver it: None = as computed; fp8/int8/
+                    int4 quantized then dequantized (`kvcomm.core.quant`), bf16/fp16/fp32 a cast. The local
+                    engine applies it where the KV is made, so its maker reads the same copy as everyone.
     """
 
     max_new_tokens: int = 64
@@ -66,12 +71,15 @@ class ReuseConfig:
     recompute: float = 0.0
     select: str = "deviation"
     offsets: bool = True
+    kv_precision: str | None = None
 
     def __post_init__(self):
         if not 0.0 <= self.recompute <= 1.0:
             raise ValueError(f"recompute must be a fraction in [0, 1], got {self.recompute}")
         if self.select not in SELECTORS:
             raise ValueError(f"select must be one of {SELECTORS}, got {self.select!r}")
+        if self.kv_precision is not None and self.kv_precision not in PRECISIONS:
+            raise ValueError(f"kv_precision must be None or one of {', '.join(PRECISIONS)}, got {self.kv_precision!r}")
 
 
 def parse_setting(setting: str, base: ReuseConfig = ReuseConfig()) -> tuple[str, ReuseConfig]:
@@ -194,8 +202,15 @@ class ReuseEngine:
         head = self.head
         _, cache = _run(self.lm, head + content.ids)
         block = cache_to_block(cache, len(head))
-        content.base = move(self.lm, block, -len(head)) if head else block
+        content.base = self.handoff(move(self.lm, block, -len(head)) if head else block)
         return content.base, len(head) + len(content.ids)
+
+    def handoff(self, block: KVBlock) -> KVBlock:
+        """`block` as another agent receives it at `config.kv_precision` (see ReuseConfig)."""
+        p = self.config.kv_precision
+        if p is None:
+            return block
+        return unpacked(pack(block, p)).to_dtype(block.k.dtype)
 
     # ---- one call -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -221,7 +236,7 @@ class ReuseEngine:
         reply_ids = greedy_continue(lm, cache, logits, len(ids), self.config.max_new_tokens, self.stops, feed_last=True)
         sync(lm.device)
         total = time.perf_counter() - start
-        reply_base = move(lm, cache_to_block(cache, len(ids), len(ids) + len(reply_ids)), -len(ids)) if reply_ids else None
+        reply_base = self.handoff(move(lm, cache_to_block(cache, len(ids), len(ids) + len(reply_ids)), -len(ids))) if reply_ids else None
         return CallResult(agent.agent_id, path, reply_ids, Content(list(reply_ids), reply_base), ttft, total,
                           len(ids), prefilled, matched)
 

@@ -242,3 +242,9 @@ def decoder_for(lm, graphs: bool) -> GraphDecoder:
         if dec is None or dec.device != lm.device or dec.dtype != lm.dtype:
             dec = per_model[graphs] = GraphDecoder(lm, graphs)
         return dec
+
+
+def release(lm) -> None:
+    """Drop the model's decoders (static cache and graphs) to give their GPU memory back."""
+    with _decoders_lock:
+        _decoders.pop(lm.model, None)

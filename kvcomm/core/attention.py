@@ -9,6 +9,8 @@ Registered through transformers' public `AttentionInterface` (no monkey-patching
    `key_len` columns. Since the mask is causal over the receiver's tokens, the right-aligned slice is
    the correct causal mask for every layer. When the mask and the keys have the same length (every
    ordinary call) this is exactly SDPA.
+   A static cache (`kvcomm.core.fast_decode`) instead passes `kvcomm_layer_masks`, one mask per
+   layer over the same preallocated key slots, which each layer picks by its index.
 2. **Attention-importance recording** (KVComm Eq. 1). When a `kvcomm_recorder` is passed to the model
    call, each layer also computes its softmax attention weights and adds the mass that the query
    tokens put on the first `recorder.context_len` key columns (the sender's context), averaged over
@@ -52,6 +54,9 @@ def kvcomm_attention(module, query, key, value, attention_mask, scaling=None, **
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     recorder: ImportanceRecorder | None = kwargs.pop("kvcomm_recorder", None)
+    layer_masks: torch.Tensor | None = kwargs.pop("kvcomm_layer_masks", None)
+    if layer_masks is not None:  # [layers, 1, 1, q, keys]: one mask per layer (fast_decode's static cache)
+        attention_mask = layer_masks[module.layer_idx]
     if attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
         if attention_mask.shape[-1] < key.shape[-2]:
             raise ValueError(

@@ -1,15 +1,28 @@
 """Greedy decoding from a prepared cache: one loop shared by sharing, reuse and the agent runner.
 
-Every step passes explicit `position_ids`; a 4-D mask sized for the longest cache layer is passed only
-when layers hold different lengths (selective sharing), so uniform caches decode with SDPA's fastest
-kernel and ragged ones stay correct.
+On CUDA the loop runs on a static cache with a CUDA-graph-captured step (`kvcomm.core.fast_decode`);
+`KVCOMM_FAST_DECODE=0` or `greedy_continue(..., fast=False)` keeps the eager loop, and `last_path()`
+says which one ran. The eager loop passes explicit `position_ids`; a 4-D mask sized for the longest
+cache layer is passed only when layers hold different lengths (selective sharing), so uniform caches
+decode with SDPA's fastest kernel and ragged ones stay correct.
 """
 
 from __future__ import annotations
 
+import threading
+import warnings
+
 import torch
 
+from kvcomm.core import fast_decode
 from kvcomm.core.attention import mask_zeros
+
+_last = threading.local()
+
+
+def last_path() -> str | None:
+    """Which path this thread's last `greedy_continue` took: 'eager', 'static' or 'graph'."""
+    return getattr(_last, "path", None)
 
 
 def sync(device: torch.device) -> None:
@@ -37,13 +50,26 @@ def stop_ids(lm) -> list[int]:
 
 @torch.no_grad()
 def greedy_continue(lm, cache, next_logits: torch.Tensor, length: int, max_new_tokens: int,
-                    stops: set[int], feed_last: bool = False) -> list[int]:
+                    stops: set[int], feed_last: bool = False, fast: bool | None = None) -> list[int]:
     """Decode greedily after a prefill whose last logits are `next_logits`.
 
     `length` is the longest layer's cache length (= the position of the next token). With
     `feed_last`, a final token that stopped the loop on the length limit is fed too, so the cache
-    holds the KV of every returned token (agents pass their reply's KV on).
+    holds the KV of every returned token (agents pass their reply's KV on). `fast`: None follows
+    `KVCOMM_FAST_DECODE` (graphs on CUDA by default), False forces the eager loop, True the static
+    cache (graphs on CUDA, none on CPU); every path leaves the same cache behind.
     """
+    path = fast_decode.choose_path(lm, cache, fast) if max_new_tokens > 0 else "eager"
+    if path != "eager":
+        decoder = fast_decode.decoder_for(lm, graphs=path == "graph")
+        if decoder.broken is None:
+            try:
+                out = decoder.decode(cache, next_logits, length, max_new_tokens, stops, feed_last)
+                _last.path = path
+                return out
+            except fast_decode.FastDecodeUnavailable as e:
+                warnings.warn(f"kvcomm: fast decode off for this model ({e}); decoding eagerly", stacklevel=2)
+    _last.path = "eager"
     out: list[int] = []
     next_id = next_logits.argmax()
     # A single new token may attend every cached key, so no mask is needed unless layers hold

@@ -1,0 +1,127 @@
+"""Milliseconds per generated token: eager decoding vs the fast path (static cache + CUDA graph).
+
+Greedy decoding of `--tokens` tokens after a `--context`-token prefill of random token ids (no stop
+tokens, so every path decodes the same number of steps), through `kvcomm.core.generation.greedy_continue`
+as the library calls it. Each path: one untimed call first (it captures the graph), then `--repeats`
+timed calls on a fresh copy of the same prefilled cache, synchronised; the median is reported. Times
+include the fast path's copy of the cache into its static buffers and the copy of the new tokens' KV
+back, so they are what a caller pays. Tokens are compared with the eager path's.
+
+  python benchmarks/decode_step.py --model qwen2.5-coder-0.5b --device cuda --context 3500 --tokens 128 --out OUT.json
+  python benchmarks/decode_step.py --model random:cpu --device cpu --context 256 --tokens 16   # CPU: no graphs
+
+`--model` takes what `kvcomm.load_model` takes, or `random:gpu` / `random:cpu` (the random-weight models
+of `kvcomm bench`). Paths: `eager`; `graph` (CUDA only); `static`, the static cache without graphs (the
+path CPU tests check; on CUDA it shows what the graph alone buys).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from kvcomm.core import fast_decode
+from kvcomm.core.generation import greedy_continue, last_path, sync
+from kvcomm.core.kv import block_to_cache, cache_to_block, prefill
+
+
+def load(spec: str, device: str | None, dtype: str | None):
+    if spec.startswith("random:"):
+        from kvcomm.experiments.bench_models import random_model
+
+        return random_model(spec.split(":", 1)[1], device)
+    from kvcomm.core.models import load_model
+
+    return load_model(spec, device=device, dtype=dtype, progress=False)
+
+
+def run_path(lm, path: str, block, logits, n: int, tokens: int, repeats: int) -> dict:
+    """Time one path; returns its row (or why it did not run)."""
+    if path == "graph" and lm.device.type != "cuda":
+        return {"path": path, "ran": "unavailable: CUDA graphs need a CUDA device"}
+    env = os.environ.get("KVCOMM_FAST_DECODE")
+    os.environ["KVCOMM_FAST_DECODE"] = "static" if path == "static" else "1"
+    fast = {"eager": False, "graph": True, "static": None}[path]
+    try:
+        times, out, ran = [], None, None
+        for _ in range(repeats + 1):
+            cache = block_to_cache(lm, block)
+            sync(lm.device)
+            t = time.perf_counter()
+            out = greedy_continue(lm, cache, logits, n, tokens, set(), feed_last=True, fast=fast)
+            sync(lm.device)
+            times.append(time.perf_counter() - t)
+            ran = last_path()
+        steady = times[1:]
+        return {"path": path, "ran": ran, "tokens": out, "first_call_s": times[0],
+                "ms_per_token": statistics.median(steady) / tokens * 1e3,
+                "ms_per_token_min": min(steady) / tokens * 1e3, "repeats": len(steady)}
+    finally:
+        if env is None:
+            os.environ.pop("KVCOMM_FAST_DECODE", None)
+        else:
+            os.environ["KVCOMM_FAST_DECODE"] = env
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--context", type=int, default=3500)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--paths", default="eager,graph,static", help="comma-separated: eager, graph, static")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="write the rows and the set-up as JSON here")
+    args = ap.parse_args()
+
+    lm = load(args.model, args.device, args.dtype)
+    vocab = lm.config.vocab_size
+    g = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(10, min(vocab, 32000) - 10, (args.context,), generator=g).tolist()
+    logits, cache, _ = prefill(lm, ids)
+    block = cache_to_block(cache)
+    print(f"{lm.name} on {lm.device} ({torch.cuda.get_device_name(lm.device) if lm.device.type == 'cuda' else platform.processor() or 'cpu'}), "
+          f"{lm.dtype}, {lm.num_layers} layers, context {args.context}, {args.tokens} tokens, median of {args.repeats}; "
+          f"static cache bucket {fast_decode.bucket(args.context + args.tokens)}", flush=True)
+
+    rows = []
+    for path in [p.strip() for p in args.paths.split(",") if p.strip()]:
+        rows.append(run_path(lm, path, block, logits[0, -1], args.context, args.tokens, args.repeats))
+    eager = next((r["tokens"] for r in rows if r.get("ran") == "eager"), None)
+    print("\n| path | ran as | ms/token (median) | min | tokens/s | first call s | speed-up | same tokens as eager |")
+    print("|---|---|---|---|---|---|---|---|")
+    base = next((r["ms_per_token"] for r in rows if r.get("ran") == "eager"), None)
+    for r in rows:
+        if "tokens" not in r:
+            print(f"| {r['path']} | {r['ran']} | | | | | | |")
+            continue
+        if eager is not None:
+            r["same_tokens"] = r["tokens"] == eager
+            r["first_difference"] = next((i for i, (a, b) in enumerate(zip(r["tokens"], eager)) if a != b), None)
+        same = "" if eager is None else ("yes" if r["same_tokens"] else f"no (from token {r['first_difference']})")
+        speed = f"{base / r['ms_per_token']:.2f}x" if base else ""
+        print(f"| {r['path']} | {r['ran']} | {r['ms_per_token']:.2f} | {r['ms_per_token_min']:.2f} | "
+              f"{1e3 / r['ms_per_token']:.0f} | {r['first_call_s']:.2f} | {speed} | {same} |")
+    if args.out:
+        setup = {"model": lm.name, "device": str(lm.device), "dtype": str(lm.dtype), "layers": lm.num_layers,
+                 "gpu": torch.cuda.get_device_name(lm.device) if lm.device.type == "cuda" else None,
+                 "context": args.context, "tokens": args.tokens, "repeats": args.repeats,
+                 "bucket": fast_decode.bucket(args.context + args.tokens),
+                 "torch": torch.__version__, "transformers": transformers.__version__}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
+        print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Fast greedy decoding: a preallocated KV cache and a CUDA-graph-captured one-token step.
+
+Why: eager one-token forwards of a small model are launch-bound (0.5B Qwen2, 24 layers: ~19 ms per
+token in eager transformers on a GPU; the profile in docs/benchmarks.md shows the same for an 8B model).
+Replaying one captured graph per token removes the Python and launch overhead; the host then only
+replays and reads one token id.
+
+How: a `GraphDecoder` per model owns a transformers `StaticCache` of a bucketed length L (a power of
+two, at least 256, grown only when a call needs more, so one capture serves many calls) and static
+input buffers. A decode copies the caller's DynamicCache into the static tensors in place (the graph
+reads fixed addresses), runs the step once per token, and appends the new tokens' KV to the caller's
+cache once at the end, so callers see exactly what the eager loop leaves there.
+
+The step computes its own inputs on the device: per-layer additive masks over the L slots (0 up to
+each layer's current length, a large negative value after), and it writes the argmax back into the
+input-id buffer and advances the position. One mask per layer (through the `kvcomm` attention
+function's `kvcomm_layer_masks`) also serves ragged caches from selective sharing; a model with
+another attention function gets one shared mask and uniform caches only.
+
+`graphs=False` runs the same static-cache step eagerly, which is how CPU tests check it.
+`KVCOMM_FAST_DECODE` picks the path when callers do not: `0` eager everywhere, `static` the
+static cache without graphs on any device, anything else (default) graphs on CUDA and eager elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from contextlib import nullcontext
+
+import torch
+
+from kvcomm.core.attention import NAME as KVCOMM_ATTENTION
+
+MIN_BUCKET = 256
+WARMUP_STEPS = 3  # eager steps on a side stream before capture (allocator and library initialisation)
+
+
+class FastDecodeUnavailable(RuntimeError):
+    """The static path cannot run for this model (capture failed); callers fall back to eager."""
+
+
+def bucket(n: int) -> int:
+    """Static cache length for `n` slots: a power of two, at least MIN_BUCKET.
+
+    Padding only costs attention over masked slots, small next to reading the weights per token."""
+    return max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length())
+
+
+def choose_path(lm, cache, fast: bool | None = None) -> str:
+    """'eager', 'static' (static cache, no graph) or 'graph' for this call.
+
+    `fast`: None follows `KVCOMM_FAST_DECODE`; False forces eager; True asks for the static path
+    (graphs on CUDA). Caches this module cannot hold fall back to eager (see `unsupported`)."""
+    env = os.environ.get("KVCOMM_FAST_DECODE", "1").strip().lower()
+    cuda = lm.device.type == "cuda"
+    if fast is False or (fast is None and env in ("0", "off", "false", "eager")):
+        return "eager"
+    if fast is None and env == "static":
+        path = "static"
+    elif cuda:
+        path = "graph"
+    else:
+        path = "static" if fast else "eager"
+    return "eager" if path != "eager" and unsupported(lm, cache) else path
+
+
+def unsupported(lm, cache) -> str | None:
+    """Why `cache` cannot take the static path for `lm` (None when it can)."""
+    layers = getattr(cache, "layers", None)
+    if not layers or len(layers) != lm.num_layers:
+        return "not a transformers cache with one layer per model layer"
+    if any(layer.keys is None or layer.keys.dim() != 4 or layer.keys.shape[0] != 1 or layer.keys.shape[-2] == 0
+           for layer in layers):
+        return "a layer is empty or batched"
+    if len({layer.keys.shape[-2] for layer in layers}) > 1 and lm.model.config._attn_implementation != KVCOMM_ATTENTION:
+        return "ragged cache without the kvcomm attention function"
+    return _config_reason(lm.model)
+
+
+_config_reasons: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _config_reason(model) -> str | None:
+    """Sliding-window or other non-plain layers make the static layout differ: eager for those."""
+    if model not in _config_reasons:
+        from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer
+
+        try:
+            layers = StaticCache(config=model.config, max_cache_len=MIN_BUCKET).layers  # lazy: allocates nothing
+            plain = all(type(layer) is StaticLayer for layer in layers)
+        except (KeyError, ValueError, TypeError):
+            plain = False
+        _config_reasons[model] = None if plain else "model has sliding-window or non-attention cache layers"
+    return _config_reasons[model]
+
+
+class GraphDecoder:
+    """Static KV cache, input buffers and (with `graphs`) the captured step of one model.
+
+    One per (model, graphs) via `decoder_for`; `decode` holds a lock, so threads that share a model
+    take turns (the buffers are shared state)."""
+
+    def __init__(self, lm, graphs: bool):
+        if graphs and lm.device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device; use graphs=False")
+        self._model = weakref.ref(lm.model)  # the registry is keyed by the model: no strong ref back
+        self.device, self.dtype, self.graphs = lm.device, lm.dtype, graphs
+        self.per_layer = lm.model.config._attn_implementation == KVCOMM_ATTENTION
+        self.lock = threading.Lock()
+        self.capacity, self.captures = 0, 0
+        self.cache = self.graph = self.logits = None
+        self._layout: tuple | None = None
+        self.broken: str | None = None  # set when capture failed; callers then decode eagerly
+
+    def _model_or_fail(self):
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the model of this decoder was garbage-collected")
+        return model
+
+    def _ensure(self, model, cache, need: int) -> None:
+        """(Re)allocate and (re)capture when the call needs more slots, other head shapes or new weights."""
+        layout = (tuple((layer.keys.shape[1], layer.keys.shape[-1], layer.values.shape[-1]) for layer in cache.layers),
+                  next(model.parameters()).data_ptr())
+        if need <= self.capacity and layout == self._layout:
+            return
+        from transformers import StaticCache
+
+        if self.broken:
+            raise FastDecodeUnavailable(self.broken)
+        self.cache = self.graph = self.logits = None  # free the old bucket before allocating the new one
+        self.capacity, self._layout = 0, None
+        size = bucket(need)
+        with torch.inference_mode(False):  # plain tensors: in-place updates work in and out of inference mode
+            static = StaticCache(config=model.config, max_cache_len=size)
+            for layer, src in zip(static.layers, cache.layers):
+                layer.lazy_initialization(src.keys[:, :, :1], src.values[:, :, :1])
+            n_layers, dev = len(static.layers), self.device
+            self.ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
+            self.pos = torch.zeros(1, 1, dtype=torch.long, device=dev)
+            self.lens = torch.zeros(n_layers, dtype=torch.long, device=dev)  # filled slots per layer
+            self.cols = torch.arange(size, device=dev)
+            # [layers, 1, 1, 1, L]; L is a power of two >= 256, so every row starts 16-element aligned
+            self.masks = torch.zeros(n_layers, 1, 1, 1, size, dtype=self.dtype, device=dev)
+        self.neg = torch.finfo(self.dtype).min
+        self.cache = static
+        if self.graphs:
+            try:
+                self._capture(model)
+            except RuntimeError as e:  # an op that cannot be captured: eager from now on, said once
+                self.cache, self.broken = None, f"CUDA graph capture failed: {str(e).splitlines()[0]}"
+                raise FastDecodeUnavailable(self.broken) from e
+        self.capacity, self._layout = size, layout
+
+    def _step(self, model) -> None:
+        """One token: masks from lens, forward, argmax into ids, advance. No host sync, no data-dependent branch."""
+        self.masks.fill_(self.neg)
+        self.masks.masked_fill_(self.cols <= self.lens.view(-1, 1, 1, 1, 1), 0.0)
+        extra = {"kvcomm_layer_masks": self.masks} if self.per_layer else {}
+        out = model(input_ids=self.ids, position_ids=self.pos, attention_mask=self.masks[0],
+                    past_key_values=self.cache, use_cache=True, **extra)
+        self.logits = out.logits[0, -1]  # under a graph: a static output, rewritten by every replay
+        self.ids.copy_(self.logits.argmax().view(1, 1))
+        self.pos.add_(1)
+        self.lens.add_(1)
+
+    def _set_state(self, lens: list[int], position: int) -> None:
+        for layer, n in zip(self.cache.layers, lens):
+            layer.cumulative_length.fill_(n)  # where StaticLayer.update writes the next key
+        self.lens.copy_(torch.tensor(lens, dtype=torch.long))
+        self.pos.fill_(position)
+
+    def _capture(self, model) -> None:
+        """Warm up on a side stream, then capture one step (from an empty cache; `decode` reloads state)."""
+        zeros = [0] * len(self.cache.layers)
+        self._set_state(zeros, 0)
+        self.ids.zero_()
+        with torch.cuda.device(self.device):
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(WARMUP_STEPS):
+                    self._step(model)
+            torch.cuda.current_stream().wait_stream(stream)
+            self._set_state(zeros, 0)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: other threads may run eager CUDA work on this GPU while we capture
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self._step(model)
+        self.graph = graph
+        self.captures += 1
+
+    @torch.no_grad()
+    def decode(self, cache, next_logits: torch.Tensor, length: int, max_new_tokens: int, stops,
+               feed_last: bool = False, step_logits: list | None = None) -> list[int]:
+        """`kvcomm.core.generation.greedy_continue`'s contract on the static cache.
+
+        `step_logits`, when a list, receives a copy of each step's logits (tests compare them)."""
+        model = self._model_or_fail()
+        lens = [layer.keys.shape[-2] for layer in cache.layers]
+        out: list[int] = []
+        with self.lock, torch.cuda.device(self.device) if self.graphs else nullcontext():
+            self._ensure(model, cache, max(lens) + max_new_tokens)
+            for layer, src in zip(self.cache.layers, cache.layers):
+                n = src.keys.shape[-2]
+                layer.keys[:, :, :n].copy_(src.keys)
+                layer.values[:, :, :n].copy_(src.values)
+            self._set_state(lens, length)
+            self.ids.copy_(next_logits.reshape(-1).argmax().view(1, 1))
+            fed = 0
+            for _ in range(max_new_tokens):
+                tok = int(self.ids)  # the one host sync per token
+                if tok in stops:
+                    break
+                out.append(tok)
+                if len(out) == max_new_tokens and not feed_last:
+                    break
+                if self.graph is not None:
+                    self.graph.replay()
+                else:
+                    self._step(model)
+                fed += 1
+                if step_logits is not None:
+                    step_logits.append(self.logits.clone())
+            if fed:  # once per layer: the caller's cache gets past + every fed token, as the eager loop leaves it
+                for i, (layer, n) in enumerate(zip(self.cache.layers, lens)):
+                    cache.update(layer.keys[:, :, n : n + fed], layer.values[:, :, n : n + fed], i)
+        return out
+
+
+_decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_decoders_lock = threading.Lock()
+
+
+def decoder_for(lm, graphs: bool) -> GraphDecoder:
+    """The model's decoder (one per model and graph setting, kept while the model lives)."""
+    with _decoders_lock:
+        per_model = _decoders.setdefault(lm.model, {})
+        dec = per_model.get(graphs)
+        if dec is None or dec.device != lm.device or dec.dtype != lm.dtype:
+            dec = per_model[graphs] = GraphDecoder(lm, graphs)
+        return dec
+
+
+def release(lm) -> None:
+    """Drop the model's decoders (static cache and graphs) to give their GPU memory back."""
+    with _decoders_lock:
+        _decoders.pop(lm.model, None)

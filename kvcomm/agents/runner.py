@@ -57,6 +57,7 @@ class ItemResult:
     correct: bool
     calls: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    answer: str = ""  # `Workload.answer_of` the final reply: what agreement between two runs compares
 
 
 class MultiAgentRunner:
@@ -72,11 +73,12 @@ class MultiAgentRunner:
         self.templates: dict[tuple[int, int], AgentTemplate] = {}
         for r in range(rounds):
             for k in range(n_agents):
-                role = f"{workload.roles[k % len(workload.roles)]} You are agent {k}."
+                role = workload.role(f"{workload.roles[k % len(workload.roles)]} You are agent {k}.")
                 body = agent_body(visible(topology, k, n_agents, r), workload.instruction)
                 self.templates[(r, k)] = AgentTemplate.build(tok, f"agent{k}", role, body)
         final_seen = [(j, "current") for j in range(n_agents)]
-        self.decider = AgentTemplate.build(tok, "decision", workload.decision_role, agent_body(final_seen, workload.instruction))
+        self.decider = AgentTemplate.build(tok, "decision", workload.role(workload.decision_role),
+                                           agent_body(final_seen, workload.instruction))
 
     def run_item(self, item: Item, request=None, commit: bool = True) -> ItemResult:
         """One request: every agent call, then the decision agent. Its anchor-pool updates are staged and
@@ -112,8 +114,9 @@ class MultiAgentRunner:
         except BaseException:
             self.engine.pool.discard(request)
             raise
-        return ItemResult(item.id, final_text, self.workload.grade(item, final_text),
-                          [_call_record(c, tok) for c in calls], time.perf_counter() - start)
+        correct = self.workload.grade(item, final_text)
+        return ItemResult(item.id, final_text, correct, [_call_record(c, tok) for c in calls], time.perf_counter() - start,
+                          self.workload.answer_of(item, final_text, correct))
 
     def run_batch(self, items: list[Item], workers: int = 8) -> list[ItemResult]:
         """Run `items` as concurrent requests on `workers` threads against one shared pool.

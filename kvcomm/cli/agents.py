@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from kvcomm.cli.common import add_model_args, bounded, console, load, positive_int
+from kvcomm.agents.workloads import WORKLOADS
+from kvcomm.cli.common import add_model_args, bounded, console, load, positive_int, shard
 
 
 def setting(value: str) -> str:
@@ -20,9 +20,17 @@ def setting(value: str) -> str:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("agents", help="multi-agent workload in dense / prefix / reuse modes, side by side")
+    p = sub.add_parser("agents", help="multi-agent workload in dense / prefix / reuse modes, side by side",
+                       description="Run a multi-agent workload in several execution modes on the same items and "
+                                   "compare them (accuracy, agreement with dense, fraction of tokens prefilled, "
+                                   "replies at the answer budget, TTFT). Finished items are kept under --out, so "
+                                   "re-running the same command resumes; --shard K/N splits a run over processes "
+                                   "and --report-only merges their results.")
     add_model_args(p)
-    p.add_argument("--workload", choices=["math", "coding", "retrieval"], default="math")
+    p.add_argument("--workload", choices=WORKLOADS, default="math",
+                   help="math: short word problems; gsm: 3-5 step word problems ending in 'Answer: N' (give "
+                        "--max-new-tokens 256 or so); coding: HumanEval, graded in a sandbox (all 164 problems with "
+                        "--limit 164; give ~384 tokens); retrieval: a fact from a generated document (default math)")
     p.add_argument("--agents", type=bounded(int, 1, 16), default=5, help="number of agents (default 5)")
     p.add_argument("--topology", choices=["fully_connected", "chain", "star"], default="fully_connected")
     p.add_argument("--rounds", type=positive_int, default=1)
@@ -30,9 +38,13 @@ def add_parser(sub) -> None:
                    help="execution setting; repeat to compare (default: dense and reuse): dense, prefix (exact prefix "
                         "caching), reuse (KVCOMM's offsets), blend@R[:select] (offsets + recompute of a fraction R of the "
                         "reused tokens, picked by deviation, offset or first), cacheblend@R[:select] (recompute without offsets)")
-    p.add_argument("--limit", type=positive_int, default=10, help="workload items (default 10)")
-    p.add_argument("--warmup", type=bounded(int, 0), default=2, help="items excluded from the after-warm-up reuse rate (default 2)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=32)
+    p.add_argument("--limit", type=positive_int, default=10,
+                   help="workload items (default 10; coding has 164: a larger --limit takes them all)")
+    p.add_argument("--warmup", type=bounded(int, 0), default=2,
+                   help="items excluded from the after-warm-up reuse rate and the TTFT medians, counted from where "
+                        "each anchor pool started empty: per shard, and again after a resume (default 2)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32,
+                   help="answer budget per agent call; the report gives the share of replies that hit it (default 32)")
     p.add_argument("--gamma", type=bounded(float, 0.0, 1.0), default=0.3, help="entropy threshold γ (default 0.3)")
     p.add_argument("--sink-head", action=argparse.BooleanOptionalAction, default=True,
                    help="encode stand-alone contents (the question, tool results) after the chat template's "
@@ -46,6 +58,10 @@ def add_parser(sub) -> None:
     p.add_argument("--offset-precision", choices=["bf16", "fp16", "fp32", "fp8", "int8", "int4"],
                    help="store the anchors' offsets compressed (fp8/int8/int4 quantized, as KV messages) or cast "
                         "(default: as computed); the byte budget counts the stored size")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32", "fp8", "int8", "int4"],
+                   help="precision of the KV one agent hands another (replies' KV and the question's base KV), as a KV "
+                        "message at that precision would deliver it (default: as computed); the Ray backend also "
+                        "sends it at this precision")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--concurrency", type=positive_int, default=1,
                    help="requests run at once (batches share one pool snapshot; outputs do not depend on it)")
@@ -56,7 +72,17 @@ def add_parser(sub) -> None:
                    help="GPUs per agent actor (default: 1/agents when CUDA is visible, else 0)")
     p.add_argument("--cpus-per-agent", type=bounded(float, 0.0), default=0.0,
                    help="CPUs reserved per agent actor (default 0, so N agents fit on a small machine)")
-    p.add_argument("--out", default="runs/agents", help="output folder for JSON and plot")
+    p.add_argument("--out", default="runs/agents",
+                   help="output folder: finished items under shard-K-of-N/<mode>.jsonl (a re-run resumes from them), "
+                        "the report as agents.json, agents_ttft.png and agents_tradeoff.png (default runs/agents)")
+    p.add_argument("--shard", type=shard, default=(0, 1), metavar="K/N",
+                   help="run only the K-th of N contiguous slices of the items (0 <= K < N), to split a run over N "
+                        "processes with the same --out; each shard has its own anchor pool (its reuse rate and "
+                        "warm-up are per shard); merge with --report-only")
+    p.add_argument("--report-only", action="store_true",
+                   help="merge every shard file under --out into agents.json, the plots and the table; loads no model")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard this shard's finished items under --out and start it again")
     p.set_defaults(func=cmd_agents)
 
 
@@ -80,25 +106,36 @@ def config_of(args):
                             gpus_per_agent=gpus)
     return AgentsConfig(model=args.model, workload=args.workload, agents=args.agents, topology=args.topology,
                         rounds=args.rounds, modes=tuple(args.mode or ("dense", "reuse")), limit=args.limit,
-                        warmup=args.warmup, seed=args.seed, concurrency=args.concurrency,
+                        warmup=args.warmup, seed=args.seed, concurrency=args.concurrency, shard=args.shard,
                         reuse=ReuseConfig(max_new_tokens=args.max_new_tokens, sink_head=args.sink_head,
-                                          refresh_tail=args.refresh_tail),
+                                          refresh_tail=args.refresh_tail, kv_precision=args.precision),
                         pool=PoolConfig(max_anchors=args.max_anchors, byte_budget=args.pool_bytes, gamma=args.gamma,
                                         tau=args.tau, offset_precision=args.offset_precision),
                         cluster=cluster)
 
 
 def cmd_agents(args) -> int:
-    from kvcomm.core.files import write_atomic
-    from kvcomm.experiments.agents_report import plot_ttft, run_modes, summary_table
+    from kvcomm.experiments.agents_report import build_report, run_modes, summary_table, write_report
+    from kvcomm.experiments.agents_shards import collect, shard_dir
 
+    out, term = Path(args.out), console()
+    if args.report_only:
+        _, meta, rows = collect(out)
+        report = build_report(meta, rows, args.warmup)
+        paths = write_report(report, out)
+        term.print(summary_table(report, args.warmup))
+        found = f"{len(meta['shards_found'])} of {meta['shards']} shards"
+        term.print(f"merged {found} ({sum(len(r) for r in rows.values())} item-modes); wrote {', '.join(map(str, paths))}")
+        return 0
     config = config_of(args)
     lm = None if config.cluster is not None else load(args)
-    report = run_modes(lm, config)
-    out = Path(args.out)
-    write_atomic(out / "agents.json", json.dumps(report, indent=1, default=str))
-    plot_ttft(report, out / "agents_ttft.png", args.warmup)
-    term = console()
+    report = run_modes(lm, config, out=out, fresh=args.fresh)
     term.print(summary_table(report, args.warmup))
-    term.print(f"wrote {out / 'agents.json'} and {out / 'agents_ttft.png'}")
+    k, n = config.shard
+    if n == 1:
+        paths = write_report(report, out)
+        term.print(f"wrote {', '.join(map(str, paths))}")
+    else:  # shards may finish at the same time: only --report-only writes the merged report
+        term.print(f"shard {k}/{n} done in {shard_dir(out, k, n)}; when every shard is, merge them: "
+                   f"kvcomm agents --report-only --out {out}")
     return 0

@@ -71,6 +71,18 @@ def positive_int(value: str) -> int:
     return n
 
 
+def shard(text: str) -> tuple[int, int]:
+    """An argparse type: 'K/N' with 0 <= K < N, as (K, N)."""
+    k, _, n = text.partition("/")
+    try:
+        k, n = int(k), int(n)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K/N such as 0/4, got {text!r}") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"K/N needs 0 <= K < N, got {text!r}")
+    return k, n
+
+
 def add_model_args(p) -> None:
     p.add_argument("--model", default="embedded", help="'embedded' (default, SmolLM2-135M GGUF), a name from 'kvcomm models list' "
                         "(e.g. qwen2.5-coder-0.5b), a .gguf file, a model dir or a hub id")

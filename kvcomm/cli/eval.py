@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from kvcomm.cli.common import add_model_args, load, positive_int
+from kvcomm.cli.common import add_model_args, load, positive_int, shard
 from kvcomm.core.errors import DataError
 from kvcomm.core.quant import PRECISIONS
 from kvcomm.experiments.share_eval import (
@@ -21,17 +20,6 @@ from kvcomm.experiments.share_eval import (
 from kvcomm.experiments.share_report import PLAIN_METHODS, markdown_table, report
 from kvcomm.sharing.prompts import DEFAULT_LAYOUT, LAYOUTS
 from kvcomm.sharing.selection import DEFAULT_SPAN, SPANS
-
-
-def shard(text: str) -> tuple[int, int]:
-    k, _, n = text.partition("/")
-    try:
-        k, n = int(k), int(n)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected K/N such as 0/4, got {text!r}") from None
-    if not 0 <= k < n:
-        raise argparse.ArgumentTypeError(f"K/N needs 0 <= K < N, got {text!r}")
-    return k, n
 
 
 def add_parser(sub) -> None:

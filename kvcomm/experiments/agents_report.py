@@ -157,8 +157,11 @@ def build_report(meta: dict, rows: dict[str, list[dict]], warmup: int, workload=
             continue
         agree = agreement(workload, dense, rows[mode])
         m.update({f"{k}_agreement_with_dense": agree[k] for k in ("final", "answer", "call")})
+        ids = {r["id"] for r in rows[mode]}
+        same = [r for r in dense if r["id"] in ids]
         m.update(agreement_items=agree["items"], prefill_fraction=prefill_fraction(dense, rows[mode]),
-                 prefill_fraction_of="dense")
+                 prefill_fraction_of="dense",
+                 dense_accuracy_same_items=sum(r["correct"] for r in same) / max(1, len(same)))
     return report
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from kvcomm.agents.remote import RayConfig
 from kvcomm.agents.runner import MultiAgentRunner, make_engine
 from kvcomm.agents.workloads import load_workload
+from kvcomm.core.errors import DataError
 from kvcomm.experiments.agents_shards import append_row, mode_file, read_rows, shard_range, start_shard
 from kvcomm.reuse.anchors import PoolConfig
 from kvcomm.reuse.engine import ReuseConfig
@@ -97,6 +98,8 @@ def run_modes(lm, config: AgentsConfig, progress: bool = True, out: Path | None 
     workload = load_workload(c.workload, c.limit, c.seed)
     k, n = c.shard
     indices = shard_range(len(workload.items), k, n)
+    if not indices:
+        raise DataError(f"shard {k}/{n} of {len(workload.items)} items has no items; use fewer shards or a larger --limit")
     meta = run_meta(lm, c, len(workload.items))
     settings = run_settings(lm, c)
     directory = start_shard(out, k, n, settings, meta, fresh) if out is not None else None
@@ -156,6 +159,9 @@ def build_report(meta: dict, rows: dict[str, list[dict]], warmup: int, workload=
             m.update(prefill_fraction=m["prefilled_tokens"] / max(1, m["prompt_tokens"]), prefill_fraction_of="prompt")
             continue
         agree = agreement(workload, dense, rows[mode])
+        if not agree["items"]:  # no item in common with dense (a merge of partial shards)
+            m.update(prefill_fraction=None, prefill_fraction_of="dense")
+            continue
         m.update({f"{k}_agreement_with_dense": agree[k] for k in ("final", "answer", "call")})
         ids = {r["id"] for r in rows[mode]}
         same = [r for r in dense if r["id"] in ids]
@@ -231,6 +237,8 @@ def ttft_by_position(mode_report: dict, skip_items: int) -> list[float]:
     """Median TTFT of each call position over the items after the warm-up (all items if none is)."""
     items = mode_report["items"]
     items = [it for it in items if it.get("pool_items_before", 0) >= skip_items] or items
+    if not items:
+        return []
     positions = len(items[0]["calls"])
     return [statistics.median(it["calls"][p]["ttft_ms"] for it in items) for p in range(positions)]
 
@@ -271,14 +279,14 @@ def plot_tradeoff(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
     versus_dense = all(m.get("prefill_fraction_of") == "dense" for m in report["modes"].values())
     for i, (mode, m) in enumerate(report["modes"].items()):
-        x, color = m["prefill_fraction"], f"C{i}"
+        x, color, dy = m["prefill_fraction"], f"C{i}", 9 * (i % 3)  # staggered labels stay readable when points meet
         if x is None:
             continue
-        ax.scatter([x], [m["accuracy"]], marker="o", s=60, color=color)
-        ax.annotate(mode, (x, m["accuracy"]), textcoords="offset points", xytext=(6, 4), fontsize=8, color=color)
+        ax.scatter([x], [m["accuracy"]], marker="o", s=60, color=color, label=mode)
+        ax.annotate(mode, (x, m["accuracy"]), textcoords="offset points", xytext=(6, 4 + dy), fontsize=8, color=color)
         if "answer_agreement_with_dense" in m:
             ax.scatter([x], [m["answer_agreement_with_dense"]], marker="s", s=60, facecolors="none", edgecolors=color)
-            ax.annotate(mode, (x, m["answer_agreement_with_dense"]), textcoords="offset points", xytext=(6, -10),
+            ax.annotate(mode, (x, m["answer_agreement_with_dense"]), textcoords="offset points", xytext=(6, -10 - dy),
                         fontsize=8, color=color)
     ax.scatter([], [], marker="o", color="gray", label="accuracy")
     if versus_dense:

@@ -109,6 +109,8 @@ def test_other_settings_do_not_resume_into_the_same_folder(lm, whole):
         run_modes(lm, other, progress=False, out=out)
     with pytest.raises(DataError, match="shards 1 there, 2 now"):
         run_modes(lm, replace(CONFIG, shard=(1, 2)), progress=False, out=out)
+    with pytest.raises(DataError, match="has no items"):
+        run_modes(lm, replace(CONFIG, limit=1, shard=(0, 2)), progress=False, out=out)
 
 
 def test_report_only_merges_without_a_model(whole, tmp_path, monkeypatch, capsys):

@@ -1,7 +1,7 @@
 """The `gsm` workload: generated multi-step word problems in the style of GSM8K, one integer answer.
 
 Each problem takes 3 to 5 arithmetic steps, mixing +, −, × and integer division that always divides
-exactly, with numbers up to a few hundred; about 40% carry a distractor fact the answer does not use.
+exactly, with numbers up to a few hundred; about half carry a distractor fact the answer does not use.
 Four families (a running count, a shopping bill, a production line, a reading plan) keep the wording
 varied. The answer is computed alongside the text, in Python, so it is correct by construction.
 
@@ -108,7 +108,7 @@ def _shopping_problem(rng: random.Random, steps: int, who: str, friend: str) -> 
     bill = rng.choice([10, 20, 50])
     count = -(-(total + 1) // bill) + rng.randint(0, 1)  # enough bills to pay, sometimes one more
     if steps >= 5 or count == 1:
-        text.append(f"{who} pays with {count} {bill}-dollar {'bill' if count == 1 else 'bills'}.")
+        text.append(f"{who} pays with {count} {'bill' if count == 1 else 'bills'} of {bill} dollars.")
     else:
         text.append(f"{who} pays with {count * bill} dollars.")
     return text, f"How many dollars of change does {who} get?", count * bill - total
@@ -140,7 +140,7 @@ def _reading_problem(rng: random.Random, steps: int, who: str, friend: str) -> t
     text = [f"{who} reads {p} pages a day for {d} days, then {q} pages a day for the next {e} days."]
     if steps >= 5:
         r = rng.randint(2, 4)
-        text.append(f"On the weekend {who} reads {r} times as many pages as on each of the first {d} days.")
+        text.append(f"On Saturday {who} reads {r} times as many pages as on the first day.")
         read += r * p
     book = read + rng.randint(10, 150)
     text.insert(0, f"{who}'s book has {book} pages.")
@@ -153,10 +153,11 @@ FAMILIES = (_count_problem, _count_problem, _shopping_problem, _production_probl
 def gsm_problem(rng: random.Random) -> tuple[str, int]:
     """One problem: (question text, integer answer)."""
     who, friend = rng.sample(NAMES, 2)
-    steps = rng.randint(3, 5)
+    steps = rng.choice([3, 4, 4, 5, 5])
     text, question, answer = rng.choice(FAMILIES)(rng, steps, who, friend)
-    if rng.random() < 0.4:
-        text.insert(rng.randint(1, len(text)), _distractor(rng, who, friend, rng.choice(THINGS)))
+    if rng.random() < 0.5:  # a distractor, about the thing asked for when it can be
+        asked = question.split()[2]
+        text.insert(rng.randint(1, len(text)), _distractor(rng, who, friend, asked if asked in THINGS else rng.choice(THINGS)))
     return " ".join(text + [question]), answer
 
 

@@ -47,7 +47,7 @@ def solve(question: str) -> int:
             assert total % (n[0] + 1) == 0
             per = total // (n[0] + 1)
         elif "pays with" in s:
-            paid = n[0] * n[1] if "-dollar" in s else n[0]
+            paid = n[0] * n[1] if re.search(r"bills? of", s) else n[0]
         elif re.fullmatch(r"A \w+ fills \d+ \w+ with \d+ \w+ each\.", s):
             made = n[0] * n[1]
         elif "right away and packs the rest" in s:
@@ -59,7 +59,7 @@ def solve(question: str) -> int:
             book = n[0]
         elif "pages a day for" in s:
             p, read = n[0], n[0] * n[1] + n[2] * n[3]
-        elif "On the weekend" in s:
+        elif "On Saturday" in s:
             read += n[0] * p
         else:  # a distractor: it must be one of the known ones
             assert re.fullmatch(r"\w+ has \d+ \w+\.|\w+ is \d+ years old\.|The shop is \d+ blocks from \w+'s house\."

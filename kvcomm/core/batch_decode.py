@@ -50,7 +50,13 @@ class BatchDecodeUnavailable(RuntimeError):
 
 class SlotLayer(CacheLayerMixin):
     """One layer's preallocated [B, heads, L, dim] keys and values; `update` writes row b's one new
-    token at slot `where[b]` (a [B] long device tensor shared by every layer and advanced by the server)."""
+    token at slot `where[b]` (a [B] long device tensor shared by every layer and advanced by the server).
+
+    Only the abstract methods of transformers' `CacheLayerMixin` are implemented, each accepting the
+    argument lists of both recent and earlier 5.x releases; the model calls `update` (scatter, no host
+    sync: capturable) and, at most, the length queries."""
+
+    is_sliding = False
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, where: torch.Tensor):
         super().__init__()
@@ -58,7 +64,7 @@ class SlotLayer(CacheLayerMixin):
         self.max_cache_len = keys.shape[-2]
         self.is_initialized = True
 
-    def lazy_initialization(self, key_states, value_states) -> None:
+    def lazy_initialization(self, key_states, value_states=None) -> None:
         """Nothing to do: the tensors are allocated by the server before the first step."""
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -75,6 +81,9 @@ class SlotLayer(CacheLayerMixin):
         return 0
 
     def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def get_max_cache_shape(self) -> int:  # the name of get_max_length in earlier transformers releases
         return self.max_cache_len
 
 

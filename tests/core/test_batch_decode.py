@@ -71,31 +71,40 @@ def test_stop_on_the_first_token_leaves_the_cache_alone(tiny):
     assert out == [] and path == "batched" and cache.layers[0].keys.shape[-2] == len(ids)
 
 
-def test_batch_invariance_alone_or_with_neighbours():
-    """The same request alone and in another row next to busy rows: identical tokens and KV, bit for bit."""
-    lm = make_tiny("qwen2", seed=3)
+def alone_and_with_neighbours(lm, graphs: bool):
+    """One request decoded alone (row 0), then again in row 5 while rows 0-4 are busy: (tokens, cache) twice."""
     target = rand_ids(23, seed=99)
 
     def go(server, ids, budget):
         logits, cache, _ = prefill(lm, ids)
         return server.decode(cache, logits[0, -1], len(ids), budget, set(), True), cache
 
-    with batch_decode.serve(lm, slots=8, graphs=False) as server:
-        alone, alone_cache = go(server, target, 20)
-    with batch_decode.serve(lm, slots=8, graphs=False) as server:
+    with batch_decode.serve(lm, slots=8, graphs=graphs) as server:
+        alone = go(server, target, 20)
+    with batch_decode.serve(lm, slots=8, graphs=graphs) as server:
         result: dict = {}
-        threads = [threading.Thread(target=lambda k=k: result.__setitem__(k, go(server, rand_ids(5 + 9 * k, seed=k), 40)))
+        threads = [threading.Thread(target=lambda k=k: result.__setitem__(k, go(server, rand_ids(5 + 9 * k, seed=k), 60)))
                    for k in range(5)]
         for t in threads:
             t.start()
-        while server.busiest < 5:  # the neighbours hold rows 0-4 (each runs 40 steps)
+        while server.busiest < 5 and any(t.is_alive() for t in threads):  # the neighbours hold rows 0-4
             time.sleep(0.001)
-        together, together_cache = go(server, target, 20)
+        together = go(server, target, 20)
+        assert server.busiest == 6  # the target really ran next to them
         for t in threads:
             t.join()
-    assert together == alone
-    for a, b in zip(alone_cache.layers, together_cache.layers):
-        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    return alone, together
+
+
+def assert_identical(a, b):
+    assert a[0] == b[0]
+    for x, y in zip(a[1].layers, b[1].layers):
+        assert torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values)
+
+
+def test_batch_invariance_alone_or_with_neighbours():
+    """The same request alone and in another row next to busy rows: identical tokens and KV, bit for bit."""
+    assert_identical(*alone_and_with_neighbours(make_tiny("qwen2", seed=3), graphs=False))
 
 
 def test_slot_reuse_and_a_queue_longer_than_the_slots():
@@ -179,3 +188,11 @@ def test_cuda_graph_server_matches_eager(arch):
     for (e, e_cache, _), (b, b_cache, path), (a, _, _) in zip(eager, batched, again):
         assert path == "batched" and b == e == a
         assert_same_cache(b_cache, e_cache, atol=1e-4)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_cuda_graph_server_is_batch_invariant_in_bf16():
+    """bf16 under the graph: a request's tokens and KV do not depend on its row or its neighbours."""
+    from test_fast_decode import on_cuda
+
+    assert_identical(*alone_and_with_neighbours(on_cuda("qwen2", torch.bfloat16), graphs=True))

@@ -9,6 +9,12 @@ back, so they are what a caller pays. Tokens are compared with the eager path's.
 
   python benchmarks/decode_step.py --model qwen2.5-coder-0.5b --device cuda --context 3500 --tokens 128 --out OUT.json
   python benchmarks/decode_step.py --model random:cpu --device cpu --context 256 --tokens 16   # CPU: no graphs
+  python benchmarks/decode_step.py --model qwen2.5-coder-0.5b --device cuda --context 1000 --tokens 200 --batch 16
+
+`--batch B` instead times B requests (B different random prompts of `--context` tokens) decoded by B
+threads at once through a `kvcomm.core.batch_decode` server of B slots, against the same B requests
+decoded one after another on the single-request path (`graph` on CUDA, `static` elsewhere): aggregate
+tokens/s of each, and whether each request's tokens agree.
 
 `--model` takes what `kvcomm.load_model` takes, or `random:gpu` / `random:cpu` (the random-weight models
 of `kvcomm bench`). Paths: `eager`; `graph` (CUDA only); `static`, the static cache without graphs (the
@@ -71,6 +77,50 @@ def run_path(lm, path: str, block, logits, n: int, tokens: int, repeats: int) ->
             os.environ["KVCOMM_FAST_DECODE"] = env
 
 
+def run_batch(lm, prompts: list, tokens: int, repeats: int) -> list[dict]:
+    """B requests through the batch server (B threads) vs one after another; aggregate tokens/s."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kvcomm.core import batch_decode
+
+    single = "graph" if lm.device.type == "cuda" else "static"
+
+    def one(p, fast=True):
+        logits, block = p
+        cache = block_to_cache(lm, block)
+        out = greedy_continue(lm, cache, logits, block.n, tokens, set(), feed_last=True, fast=fast)
+        return out, last_path()
+
+    def timed(fn):
+        times, outs = [], None
+        for _ in range(repeats + 1):  # the first call captures graphs
+            sync(lm.device)
+            t = time.perf_counter()
+            outs = fn()
+            sync(lm.device)
+            times.append(time.perf_counter() - t)
+        return outs, statistics.median(times[1:]), times[0]
+
+    rows = []
+    seq, seq_s, seq_first = timed(lambda: [one(p) for p in prompts])
+    rows.append({"path": f"sequential {single}", "ran": seq[0][1], "seconds": seq_s, "first_call_s": seq_first,
+                 "tokens": [o for o, _ in seq]})
+    with batch_decode.serve(lm, slots=len(prompts), max_len=prompts[0][1].n + tokens) as server:
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            bat, bat_s, bat_first = timed(lambda: list(pool.map(one, prompts)))
+        rows.append({"path": f"batched x{len(prompts)}", "ran": bat[0][1], "seconds": bat_s, "first_call_s": bat_first,
+                     "tokens": [o for o, _ in bat], "steps": server.steps, "captures": server.captures})
+    total = sum(len(o) for o, _ in seq)
+    print("\n| path | ran as | s (median) | tokens/s aggregate | first call s | same tokens as sequential |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        r["tokens_per_s"] = total / r["seconds"]
+        r["same_tokens"] = [a == b for a, b in zip(r["tokens"], rows[0]["tokens"])]
+        print(f"| {r['path']} | {r['ran']} | {r['seconds']:.3f} | {r['tokens_per_s']:.0f} | {r['first_call_s']:.2f} | "
+              f"{sum(r['same_tokens'])}/{len(prompts)} |")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="embedded")
@@ -81,12 +131,28 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--paths", default="eager,graph,static", help="comma-separated: eager, graph, static")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=0,
+                    help="B > 0: B concurrent requests through a batch_decode server vs B sequential decodes")
     ap.add_argument("--out", default=None, help="write the rows and the set-up as JSON here")
     args = ap.parse_args()
 
     lm = load(args.model, args.device, args.dtype)
     vocab = lm.config.vocab_size
     g = torch.Generator().manual_seed(args.seed)
+    if args.batch > 0:
+        prompts = []
+        for _ in range(args.batch):
+            ids = torch.randint(10, min(vocab, 32000) - 10, (args.context,), generator=g).tolist()
+            logits, cache, _ = prefill(lm, ids)
+            prompts.append((logits[0, -1], cache_to_block(cache)))
+        print(f"{lm.name} on {lm.device}, {lm.dtype}: {args.batch} requests, context {args.context}, "
+              f"{args.tokens} tokens each, median of {args.repeats}", flush=True)
+        rows = run_batch(lm, prompts, args.tokens, args.repeats)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"setup": vars(args) | {"device": str(lm.device), "dtype": str(lm.dtype)},
+                                                  "rows": rows}, indent=1))
+        return
     ids = torch.randint(10, min(vocab, 32000) - 10, (args.context,), generator=g).tolist()
     logits, cache, _ = prefill(lm, ids)
     block = cache_to_block(cache)

@@ -65,6 +65,10 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--concurrency", type=positive_int, default=1,
                    help="requests run at once (batches share one pool snapshot; outputs do not depend on it)")
+    p.add_argument("--batch-decode", action="store_true",
+                   help="local backend: the --concurrency requests' decodes share one batched step (continuous "
+                        "batching, CUDA graph on a GPU) instead of taking turns at batch 1; in bf16 tokens may differ "
+                        "slightly from batch-1 decoding (default off)")
     p.add_argument("--backend", choices=["local", "ray"], default="local",
                    help="local: one process; ray: one Ray actor per agent plus a pool actor")
     p.add_argument("--address", help="Ray cluster address (default: start a local cluster)")
@@ -95,6 +99,10 @@ def config_of(args):
     from kvcomm.reuse.engine import ReuseConfig
 
     cluster = None
+    if args.batch_decode and args.backend != "local":
+        from kvcomm.core.errors import KVCommError
+
+        raise KVCommError("--batch-decode works with the local backend only; drop it or use --backend local")
     if args.backend == "ray":
         gpus = args.gpus_per_agent
         if gpus is None:
@@ -106,7 +114,8 @@ def config_of(args):
                             gpus_per_agent=gpus)
     return AgentsConfig(model=args.model, workload=args.workload, agents=args.agents, topology=args.topology,
                         rounds=args.rounds, modes=tuple(args.mode or ("dense", "reuse")), limit=args.limit,
-                        warmup=args.warmup, seed=args.seed, concurrency=args.concurrency, shard=args.shard,
+                        warmup=args.warmup, seed=args.seed, concurrency=args.concurrency,
+                        batch_decode=args.batch_decode, shard=args.shard,
                         reuse=ReuseConfig(max_new_tokens=args.max_new_tokens, sink_head=args.sink_head,
                                           refresh_tail=args.refresh_tail, kv_precision=args.precision),
                         pool=PoolConfig(max_anchors=args.max_anchors, byte_budget=args.pool_bytes, gamma=args.gamma,

@@ -2,7 +2,8 @@
 
 On CUDA the loop runs on a static cache with a CUDA-graph-captured step (`kvcomm.core.fast_decode`);
 `KVCOMM_FAST_DECODE=0` or `greedy_continue(..., fast=False)` keeps the eager loop, and `last_path()`
-says which one ran. The eager loop passes explicit `position_ids`; a 4-D mask sized for the longest
+says which one ran. While a `kvcomm.core.batch_decode` server runs for the model (opt-in), uniform caches
+go through it instead: decodes from many threads then share one batched step ('batched'). The eager loop passes explicit `position_ids`; a 4-D mask sized for the longest
 cache layer is passed only when layers hold different lengths (selective sharing), so uniform caches
 decode with SDPA's fastest kernel and ragged ones stay correct.
 """
@@ -14,14 +15,14 @@ import warnings
 
 import torch
 
-from kvcomm.core import fast_decode
+from kvcomm.core import batch_decode, fast_decode
 from kvcomm.core.attention import mask_zeros
 
 _last = threading.local()
 
 
 def last_path() -> str | None:
-    """Which path this thread's last `greedy_continue` took: 'eager', 'static' or 'graph'."""
+    """Which path this thread's last `greedy_continue` took: 'eager', 'static', 'graph' or 'batched'."""
     return getattr(_last, "path", None)
 
 
@@ -57,8 +58,17 @@ def greedy_continue(lm, cache, next_logits: torch.Tensor, length: int, max_new_t
     `feed_last`, a final token that stopped the loop on the length limit is fed too, so the cache
     holds the KV of every returned token (agents pass their reply's KV on). `fast`: None follows
     `KVCOMM_FAST_DECODE` (graphs on CUDA by default), False forces the eager loop, True the static
-    cache (graphs on CUDA, none on CPU); every path leaves the same cache behind.
+    cache (graphs on CUDA, none on CPU); every path leaves the same cache behind. A running
+    `batch_decode` server for the model takes the call unless `fast` is False or it cannot hold the cache.
     """
+    server = batch_decode.server_for(lm) if fast is not False else None
+    if server is not None and server.accepts(cache, length, max_new_tokens):
+        try:
+            out = server.decode(cache, next_logits, length, max_new_tokens, stops, feed_last)
+            _last.path = "batched"
+            return out
+        except batch_decode.BatchDecodeUnavailable as e:  # the caller's cache is untouched: decode it alone
+            warnings.warn(f"kvcomm: batched decode unavailable ({e}); decoding this request alone", stacklevel=2)
     path = fast_decode.choose_path(lm, cache, fast) if max_new_tokens > 0 else "eager"
     if path != "eager":
         decoder = fast_decode.decoder_for(lm, graphs=path == "graph")

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import json
 import statistics
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvcomm.agents.remote import RayConfig
 from kvcomm.agents.runner import MultiAgentRunner, make_engine
 from kvcomm.agents.workloads import load_workload
+from kvcomm.core import batch_decode
 from kvcomm.core.errors import DataError
 from kvcomm.experiments.agents_shards import append_row, mode_file, read_rows, shard_range, start_shard
 from kvcomm.reuse.anchors import PoolConfig
@@ -38,6 +40,8 @@ class AgentsConfig:
     modes        execution modes, each over the same items (dense is the reference)
     warmup       items left out of the after-warm-up reuse rate and the TTFT medians
     concurrency  requests run at once (batches share one pool snapshot; outputs do not depend on it)
+    batch_decode local backend: the concurrent requests' decodes share one batched step of `concurrency`
+                 slots (`kvcomm.core.batch_decode`); in bf16 its numerics may differ from batch-1 decoding
     cluster      None runs in this process; a RayConfig runs one Ray actor per agent plus a pool actor
     shard        (K, N): run only the K-th of N contiguous slices of the items (`agents_shards`)
     """
@@ -52,6 +56,7 @@ class AgentsConfig:
     warmup: int = 2
     seed: int = 0
     concurrency: int = 1
+    batch_decode: bool = False
     reuse: ReuseConfig = field(default_factory=lambda: ReuseConfig(max_new_tokens=32))
     pool: PoolConfig = PoolConfig()
     cluster: RayConfig | None = None
@@ -63,7 +68,8 @@ def run_meta(lm, c: AgentsConfig, n_items: int) -> dict:
     return {"workload": c.workload, "agents": c.agents, "topology": c.topology, "rounds": c.rounds, "items": n_items,
             "model": lm.name if lm else c.model,
             "device": str(lm.device) if lm else f"ray actors ({c.cluster.device or 'auto'})",
-            "backend": "ray" if c.cluster is not None else "local", "concurrency": c.concurrency, "gamma": c.pool.gamma,
+            "backend": "ray" if c.cluster is not None else "local", "concurrency": c.concurrency,
+            "batch_decode": c.batch_decode and c.cluster is None, "gamma": c.pool.gamma,
             "tau": c.pool.tau, "sink_head": c.reuse.sink_head, "offset_precision": c.pool.offset_precision,
             "kv_precision": c.reuse.kv_precision,
             "refresh_tail": c.reuse.refresh_tail, "max_new_tokens": c.reuse.max_new_tokens, "seed": c.seed,
@@ -82,6 +88,8 @@ def run_settings(lm, c: AgentsConfig) -> dict:
                 "shards": c.shard[1]}
     if c.shard[1] > 1:
         settings["limit"] = c.limit
+    if c.batch_decode and c.cluster is None:  # batch-B numerics (bf16) may change replies; absent when off,
+        settings["batch_decode"] = c.concurrency  # so runs from before the option still resume
     if lm is not None:
         from kvcomm.core.fingerprint import fingerprint
 
@@ -128,6 +136,18 @@ def _run_mode(lm, c: AgentsConfig, workload, mode: str, todo: list[int], path: P
         engine.start(sorted({t.agent_id for t in runner.templates.values()} | {runner.decider.agent_id}))
     batch, rows = c.concurrency, []
     bar = tqdm(total=len(todo), desc=f"{c.workload}/{mode}", disable=not progress)
+    serving = c.batch_decode and c.cluster is None and lm is not None
+    with batch_decode.serve(lm, slots=batch) if serving else nullcontext():
+        _run_batches(runner, engine, workload, mode, todo, path, shard, batch, rows, bar)
+    bar.close()
+    if c.cluster is not None:
+        engine.shutdown()
+    return rows
+
+
+def _run_batches(runner, engine, workload, mode: str, todo: list[int], path: Path | None, shard: str, batch: int,
+                 rows: list[dict], bar) -> None:
+    """`todo` in batches of `batch` concurrent requests; each finished batch's rows go to `rows` and `path`."""
     for start in range(0, len(todo), batch):
         chunk = todo[start : start + batch]
         items = [workload.items[i] for i in chunk]
@@ -141,10 +161,6 @@ def _run_mode(lm, c: AgentsConfig, workload, mode: str, todo: list[int], path: P
                 append_row(path, row)
             rows.append(row)
         bar.update(len(chunk))
-    bar.close()
-    if c.cluster is not None:
-        engine.shutdown()
-    return rows
 
 
 def build_report(meta: dict, rows: dict[str, list[dict]], warmup: int, workload=None) -> dict:

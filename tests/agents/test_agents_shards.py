@@ -163,3 +163,25 @@ def test_cli_runs_shards_and_merges_them(tiny_dir, tmp_path, capsys):
     assert report["shards"] == 2 and list(report["modes"]) == ["dense", "prefix"]
     assert [it["id"] for it in report["modes"]["prefix"]["items"]] == [f"math-0-{i}" for i in range(3)]
     assert report["modes"]["prefix"]["answer_agreement_with_dense"] == 1.0
+
+
+def test_batch_decode_gives_the_same_report(lm, tmp_path):
+    """--batch-decode: the concurrent requests' decodes share a batched step; fp32 replies are unchanged."""
+    config = replace(CONFIG, modes=("dense", "reuse"), concurrency=3)
+    plain = run_modes(lm, config, progress=False)
+    batched = run_modes(lm, replace(config, batch_decode=True), progress=False, out=tmp_path)
+    assert batched["batch_decode"] and not plain["batch_decode"]
+    assert json.loads((shard_dir(tmp_path, 0, 1) / "run.json").read_text())["settings"]["batch_decode"] == 3
+    _same_items(plain, batched)
+
+
+def test_batch_decode_flag_is_local_only():
+    from kvcomm.cli.agents import config_of
+    from kvcomm.cli.main import build_parser
+    from kvcomm.core.errors import KVCommError
+
+    parse = build_parser().parse_args
+    assert config_of(parse(["agents", "--batch-decode", "--concurrency", "4"])).batch_decode
+    assert not config_of(parse(["agents"])).batch_decode
+    with pytest.raises(KVCommError, match="local backend"):
+        config_of(parse(["agents", "--batch-decode", "--backend", "ray"]))

@@ -167,7 +167,7 @@ class PoolConfig:
 
 
 class KVPool(Protocol):
-    """What an engine needs of a pool: the local `AnchorPool` or the Ray backend's `RemotePool`."""
+    """What an engine needs of a pool: the local `AnchorPool` or a Ray agent's `ReplicaPool`."""
 
     def match(self, name: str, agent_key: str, base: KVBlock) -> Match | None: ...
     def stage(self, request, name: str, key: str, base: KVBlock, agent_key: str, delta: AgentDelta) -> None: ...

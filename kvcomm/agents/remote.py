@@ -6,8 +6,9 @@ Layout (one data path, the same engine code as the single-process runner):
              It holds only the tokenizer; it never loads the model.
   agents     one `AgentActor` per agent id, each with its own model copy and `ReuseEngine`
              (CPU or GPU resources as configured).
-  pool       one `PoolActor` holding the `AnchorPool`, so every agent matches against, stages to and
-             commits to the same pool; commits still happen when a request finishes.
+  pool       one `PoolActor` holding the `AnchorPool` every agent stages to and the driver commits to
+             (when a request finishes); each agent matches on a local read replica of it, synced once
+             per call (`kvcomm.agents.pool_replica`), so a match costs no round trip.
 
 What crosses actor boundaries is KV in the project's message format (`kvcomm.message`: safetensors
 bytes with the sender model's fingerprint), placed in Ray's object store. Every receiver decodes with
@@ -22,8 +23,9 @@ Faults:
   the pool's contents end the same. Greedy decoding is deterministic, so the answers are the same.
   (One thing a retry can change: the interrupted attempt's matches also count as anchor uses, which
   only matters later if the pool fills up and evicts by least use.)
-- if the pool actor is lost, `RemotePool` answers every match with "no anchor" and drops updates:
-  calls fall back to dense prefill (always correct), never to reuse with missing offsets.
+- if the pool actor is lost, the replicas (whose per-call sync then fails) answer every match with
+  "no anchor" and drop updates: calls fall back to dense prefill (always correct), never to reuse with
+  missing offsets.
 
 Ray is an optional extra (`pip install kvcomm[ray]`); nothing here imports it at module load.
 """
@@ -34,133 +36,22 @@ import logging
 import uuid
 from dataclasses import dataclass
 
-import torch
-
-from kvcomm.core.fingerprint import Fingerprint, fingerprint
-from kvcomm.core.kv import KVBlock
-from kvcomm.core.message import KVMessage, decode, encode
-from kvcomm.reuse.anchors import AgentDelta, Match, PoolConfig
+from kvcomm.agents.pool_replica import PoolActor, RemotePool, ReplicaPool
+from kvcomm.agents.wire import block_from_bytes, block_to_bytes, require_ray
+from kvcomm.core.fingerprint import fingerprint
+from kvcomm.core.message import decode, encode
+from kvcomm.reuse.anchors import PoolConfig
 from kvcomm.reuse.engine import CallResult, Content, ReuseConfig, ReuseEngine
 from kvcomm.sharing.prompts import DEFAULT_LAYOUT
+
+__all__ = ["AgentActor", "PoolActor", "RayConfig", "RayEngine", "RemotePool", "ReplicaPool", "ShareActor",
+           "block_from_bytes", "block_to_bytes", "share"]
 
 log = logging.getLogger(__name__)
 
 
 def _ray():
-    try:
-        import ray
-    except ImportError:
-        from kvcomm.core.errors import KVCommError
-
-        raise KVCommError("the Ray backend needs Ray: pip install 'kvcomm[ray]' (or bash scripts/install.sh ray)") from None
-    return ray
-
-
-# ---- KV on the wire ---------------------------------------------------------------------------------
-def block_to_bytes(block: KVBlock, fp: Fingerprint, kind: str = "kv", precision: str | None = None) -> bytes:
-    """A KVBlock [layers, kv_heads, n, head_dim] as a validated-format message (all layers, positions from
-    0), at `precision` (None: the block's dtype; see `kvcomm.core.message.encode`)."""
-    layers = block.k.shape[0]
-    msg = KVMessage(list(range(layers)), [block.k[i : i + 1] for i in range(layers)],
-                    [block.v[i : i + 1] for i in range(layers)], fp, 0, {"kind": kind})
-    return encode(msg, precision)
-
-
-def block_from_bytes(data: bytes, fp: Fingerprint, device=None, dtype=None) -> KVBlock:
-    """Decode with every check of `kvcomm.message.decode`, including the model fingerprint."""
-    msg = decode(data, receiver=fp)
-    if msg.layers != list(range(fp.num_layers)):
-        from kvcomm.core.errors import ShapeMismatchError
-
-        raise ShapeMismatchError(f"a KV block must hold all {fp.num_layers} layers, got {len(msg.layers)}")
-    k, v = torch.cat(msg.keys, 0), torch.cat(msg.values, 0)
-    return KVBlock(k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype))
-
-
-# ---- the shared pool ----------------------------------------------------------------------------------
-class PoolActor:
-    """Holds the one AnchorPool; all tensors in and out travel as message bytes."""
-
-    def __init__(self, config: PoolConfig):
-        self.fp: Fingerprint | None = None
-        self.pool = config.build()
-
-    def register(self, fp_json: str) -> None:
-        """Each agent announces its model; the first fixes the pool's model, a different one is refused."""
-        fp = Fingerprint.from_json(fp_json)
-        if self.fp is None:
-            self.fp = fp
-        else:
-            self.fp.check_compatible(fp)
-
-    def match(self, name: str, agent_key: str, base: bytes):
-        m = self.pool.match(name, agent_key, block_from_bytes(base, self.fp))
-        if m is None:
-            return None
-        return (block_to_bytes(m.placeholder_offset, self.fp, "offset"), block_to_bytes(m.segment_offset, self.fp, "offset"),
-                m.weights.tolist(), m.entropy, m.anchors)
-
-    def stage(self, request: str, name: str, key: str, base: bytes, agent_key: str, dphi: bytes, dseg: bytes) -> None:
-        delta = AgentDelta(block_from_bytes(dphi, self.fp), block_from_bytes(dseg, self.fp))
-        self.pool.stage(request, name, key, block_from_bytes(base, self.fp), agent_key, delta)
-
-    def commit(self, request: str) -> None:
-        self.pool.commit(request)
-
-    def discard(self, request: str) -> None:
-        self.pool.discard(request)
-
-    def stats(self) -> dict:
-        return self.pool.stats().__dict__
-
-    def nbytes(self) -> int:
-        return self.pool.nbytes
-
-
-class RemotePool:
-    """The AnchorPool interface, backed by a PoolActor. If the actor is gone, every match is a miss
-    (dense fallback) and updates are dropped: losing the pool costs speed, never correctness."""
-
-    def __init__(self, actor, fp: Fingerprint, device=None, dtype=None):
-        self.actor, self.fp, self.device, self.dtype = actor, fp, device, dtype
-        self.lost = False
-
-    def _call(self, method: str, *args, wait: bool = True):
-        ray = _ray()
-        if self.lost:
-            return None
-        try:
-            ref = getattr(self.actor, method).remote(*args)
-            return ray.get(ref) if wait else ref
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-            self.lost = True
-            log.warning("anchor pool actor lost (%s); falling back to dense prefill", type(e).__name__)
-            return None
-
-    def match(self, name: str, agent_key: str, base: KVBlock) -> Match | None:
-        got = self._call("match", name, agent_key, block_to_bytes(base, self.fp))
-        if got is None:
-            return None
-        ph, seg, weights, entropy, anchors = got
-        return Match(block_from_bytes(ph, self.fp, self.device, self.dtype), block_from_bytes(seg, self.fp, self.device, self.dtype),
-                     torch.tensor(weights), entropy, anchors)
-
-    def stage(self, request, name: str, key: str, base: KVBlock, agent_key: str, delta: AgentDelta) -> None:
-        self._call("stage", request, name, key, block_to_bytes(base, self.fp), agent_key,
-                   block_to_bytes(delta.placeholder, self.fp), block_to_bytes(delta.segment, self.fp))
-
-    def commit(self, request) -> None:
-        self._call("commit", request)
-
-    def discard(self, request) -> None:
-        self._call("discard", request)
-
-    def stats(self) -> dict | None:
-        return self._call("stats")
-
-    @property
-    def nbytes(self) -> int:
-        return self._call("nbytes") or 0
+    return require_ray()
 
 
 # ---- agents -----------------------------------------------------------------------------------------
@@ -175,17 +66,21 @@ class AgentActor:
 
         self.lm = load_model(model, device=device, dtype=dtype, progress=False)
         self.fp = fingerprint(self.lm.model, self.lm.tokenizer)
-        pool = RemotePool(pool_actor, self.fp, self.lm.device, self.lm.dtype)
-        self.engine = ReuseEngine(self.lm, mode, pool=pool, config=config)
+        self.pool = ReplicaPool(pool_actor, self.fp, self.lm.device)
+        self.engine = ReuseEngine(self.lm, mode, pool=self.pool, config=config)
         self.pid = os.getpid()
-        pool._call("register", self.fp.to_json())
+        self.round_trips: list[int] = []  # per call: awaited pool calls before its first token
 
     def info(self) -> dict:
-        return {"pid": self.pid, "fingerprint": self.fp.to_json(), "device": str(self.lm.device)}
+        return {"pid": self.pid, "fingerprint": self.fp.to_json(), "device": str(self.lm.device),
+                "pool_round_trips": self.round_trips}
 
     def call(self, agent, contents: dict, request: str):
         """contents: name -> (ids, message bytes or ObjectRef of them, or None). Returns (record, reply bytes)."""
         ray = _ray()
+        trips = self.pool.round_trips
+        if self.engine.mode == "reuse" and self.engine.config.offsets:
+            self.pool.begin(agent.pool_key)  # the replica's one sync, sent before the incoming KV is decoded
         refs = {name: src for name, (_, src) in contents.items() if isinstance(src, ray.ObjectRef)}
         fetched = dict(zip(refs, ray.get(list(refs.values())))) if refs else {}
         local = {}
@@ -194,6 +89,8 @@ class AgentActor:
             base = block_from_bytes(data, self.fp, self.lm.device, self.lm.dtype) if data is not None else None
             local[name] = Content(list(ids), base)
         res = self.engine.call(agent, local, request)
+        self.round_trips.append(self.pool.round_trips - trips)
+        self.pool.flush()  # this call's anchor uses and staged deltas reach the pool before the driver commits
         wire = self.engine.config.kv_precision
         new_bases = {name: block_to_bytes(local[name].base, self.fp, "base", wire)
                      for name, (_, src) in contents.items() if src is None and local[name].base is not None}
@@ -235,7 +132,7 @@ class RayEngine:
         self.agents: dict[str, object] = {}
         self._agent_cls = ray.remote(AgentActor)
         self.pool_actor = ray.remote(PoolActor).options(num_cpus=0, max_restarts=0).remote(pool)
-        self.pool = RemotePool(self.pool_actor, None)  # the driver only commits, discards and reads stats
+        self.pool = RemotePool(self.pool_actor)  # the driver only commits, discards and reads stats
 
     def _agent(self, agent_id: str):
         actor = self.agents.get(agent_id)

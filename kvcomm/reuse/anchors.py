@@ -22,7 +22,8 @@ acts, and is exposed (`--tau`) next to γ. Offsets (Eq. 6–7) use per-token wei
 
 Bounds: at most V anchors per placeholder (least-used of the 5 oldest evicted), and a byte budget over
 the whole pool (same rule, pool-wide). Updates are staged per request and committed when the request
-finishes, so concurrent requests see a consistent pool.
+finishes, so concurrent requests see a consistent pool. A `listener` sees every committed delta and
+every eviction, in order (the Ray backend ships them to the agents' read replicas, `kvcomm.agents.pool_replica`).
 
 Compressed offsets (`PoolConfig(offset_precision="int8")`, also fp8, int4, or bf16/fp16 as a plain
 cast): the deltas Δφ and Δp, which outnumber the bases (one per agent template per anchor), are stored
@@ -166,7 +167,7 @@ class PoolConfig:
 
 
 class KVPool(Protocol):
-    """What an engine needs of a pool: the local `AnchorPool` or the Ray backend's `RemotePool`."""
+    """What an engine needs of a pool: the local `AnchorPool` or a Ray agent's `ReplicaPool`."""
 
     def match(self, name: str, agent_key: str, base: KVBlock) -> Match | None: ...
     def stage(self, request, name: str, key: str, base: KVBlock, agent_key: str, delta: AgentDelta) -> None: ...
@@ -195,6 +196,7 @@ class AnchorPool:
         self._clock = 0
         self._bytes = 0
         self._matches = self._new = self._evictions = 0
+        self.listener = None  # called as listener("delta", anchor, agent_key) / ("evict", anchor, None) on commit
 
     # ---- reading -------------------------------------------------------------------------------
     def match(self, name: str, agent_key: str, base: KVBlock) -> Match | None:
@@ -227,12 +229,18 @@ class AnchorPool:
         seg_k = torch.stack([b.k for b in segs])
         seg_v = torch.stack([b.v for b in segs])
         segment = KVBlock((w_ch * seg_k).sum(0).to(base.k.dtype), (w_ch * seg_v).sum(0).to(base.v.dtype))
+        self.record_use(name, [a.key for (a, _), weight in zip(cands, w.tolist()) if weight > 1.0 / (2 * len(cands))])
+        return Match(placeholder, segment, w, entropy, [a.key for a, _ in cands])
+
+    def record_use(self, name: str, keys: list[str]) -> None:
+        """Count one match of placeholder `name` that used the anchors `keys` (weight above half of uniform):
+        the use counts that eviction reads."""
         with self._lock:
             self._matches += 1
-            for (a, _), weight in zip(cands, w.tolist()):
-                if weight > 1.0 / (2 * len(cands)):
-                    a.uses += 1
-        return Match(placeholder, segment, w, entropy, [a.key for a, _ in cands])
+            group = self._anchors.get(name, {})
+            for key in keys:
+                if key in group:
+                    group[key].uses += 1
 
     def anchors(self, name: str) -> list[Anchor]:
         """The anchors held for placeholder `name`, oldest first (a snapshot; for analysis tools)."""
@@ -281,6 +289,8 @@ class AnchorPool:
                 if agent_key not in anchor.deltas:
                     anchor.deltas[agent_key] = delta
                     self._bytes += delta.placeholder.nbytes + delta.segment.nbytes
+                    if self.listener is not None:
+                        self.listener("delta", anchor, agent_key)
             while self._bytes > self.byte_budget:
                 everyone = {f"{a.name}\x00{a.key}": a for g in self._anchors.values() for a in g.values()}
                 if not everyone:
@@ -294,3 +304,5 @@ class AnchorPool:
         del self._anchors[victim.name][victim.key]
         self._bytes -= victim.nbytes
         self._evictions += 1
+        if self.listener is not None:
+            self.listener("evict", victim, None)

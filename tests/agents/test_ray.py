@@ -13,6 +13,7 @@ from kvcomm.agents.runner import MultiAgentRunner  # noqa: E402
 from kvcomm.agents.workloads import Workload, math_items  # noqa: E402
 from kvcomm.core.errors import IncompatibleModelError  # noqa: E402
 from kvcomm.core.models import load_model  # noqa: E402
+from kvcomm.reuse.anchors import PoolConfig  # noqa: E402
 from kvcomm.reuse.engine import ReuseConfig, ReuseEngine  # noqa: E402
 
 ROLES = ["you are one", "you are two", "you are three"]
@@ -33,10 +34,11 @@ def calls(results):
     return [[(c["path"], c["reply_ids"]) for c in r.calls] for r in results]
 
 
-def run_local(model_dir, items, mode="reuse"):
-    runner = MultiAgentRunner(ReuseEngine(load_model(str(model_dir), progress=False), mode, config=ReuseConfig(max_new_tokens=4)),
-                              workload(), 3, "fully_connected")
-    return [runner.run_item(it) for it in items]
+def run_local(model_dir, items, mode="reuse", pool=PoolConfig(), with_engine=False):
+    engine = ReuseEngine(load_model(str(model_dir), progress=False), mode, pool=pool.build(), config=ReuseConfig(max_new_tokens=4))
+    runner = MultiAgentRunner(engine, workload(), 3, "fully_connected")
+    got = [runner.run_item(it) for it in items]
+    return (got, engine) if with_engine else got
 
 
 def test_ray_backend_gives_the_single_process_outputs(tiny_dir, cluster):
@@ -53,6 +55,30 @@ def test_ray_backend_gives_the_single_process_outputs(tiny_dir, cluster):
     assert calls(got) == calls(want)
     assert [c["path"] for c in got[-1].calls] == ["reuse"] * 4 and [r.final for r in got] == [r.final for r in want]
     assert stats["anchors"] > 0 and stats["matches"] > 0
+
+
+def test_replicas_match_like_the_central_pool_with_eviction_and_compressed_offsets(tiny_dir, cluster):
+    """Agents match on local replicas: with a pool that evicts (2 anchors per placeholder, use counts decided
+    by the pool actor) and stores int8 offsets (shipped dequantized), every call and the pool's counters equal
+    one process's; and no agent call waits on more than one pool round trip before its first token."""
+    wl, pool = workload(8), PoolConfig(max_anchors=2, offset_precision="int8")
+    tok = load_model(str(tiny_dir), progress=False).tokenizer
+    by_length = sorted(wl.items, key=lambda it: len(tok(it.question)["input_ids"]))  # a longer question: new anchor
+    items = by_length + by_length[:3]
+    engine = RayEngine(str(tiny_dir), "reuse", ReuseConfig(max_new_tokens=4), pool)
+    try:
+        got = [MultiAgentRunner(engine, wl, 3, "fully_connected").run_item(it) for it in items]
+        stats = engine.pool.stats()
+        trips = [t for a in engine.agents.values() for t in ray.get(a.info.remote())["pool_round_trips"]]
+        counts = ray.get(engine.pool_actor.call_counts.remote())
+    finally:
+        engine.shutdown()
+    want, local = run_local(tiny_dir, items, pool=pool, with_engine=True)
+    assert calls(got) == calls(want)
+    assert stats == local.pool.stats().__dict__ and stats["evictions"] > 0 and stats["matches"] > 0
+    n_calls = sum(len(r.calls) for r in got)
+    assert len(trips) == n_calls and max(trips) == 1  # every reuse-mode call syncs once, and only once
+    assert counts["changes"] == n_calls and counts["report"] <= n_calls  # no other pool call from the agents
 
 
 def test_an_agent_killed_mid_call_is_restarted_and_the_answers_do_not_change(tiny_dir, cluster):

@@ -34,6 +34,7 @@ from kvcomm.core.kv import KVBlock, cache_to_block, move, prefill
 from kvcomm.core.models import load_model
 from kvcomm.core.rope import rerotate
 from kvcomm.reuse.anchors import AnchorPool
+from kvcomm.reuse.blend import choose, recompute
 from kvcomm.reuse.engine import Content, ReuseConfig, ReuseEngine, add_offset, assemble
 
 RESIDUALS = (0.05, 0.1, 0.2, 0.4)  # the a of the true×(1-a) rows
@@ -65,9 +66,13 @@ def main() -> None:
     ap.add_argument("--tau", type=float, default=0.003)
     ap.add_argument("--no-sink-head", action="store_true")
     ap.add_argument("--out", help="also write the JSON summary here")
+    ap.add_argument("--workload", default="math", choices=["math", "gsm"], help="whose agent-0 prompt (gsm: the paper-shaped one)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--variants", default=None, help="comma list of the variants to run (default: all)")
+    ap.add_argument("--recompute", type=float, default=0.15, help="fraction recomputed by the `blend` variant")
     args = ap.parse_args()
-    lm = load_model(args.model)
-    wl = load_workload("math", args.anchors + args.questions)
+    lm = load_model(args.model, device=args.device)
+    wl = load_workload(args.workload, args.anchors + args.questions)
     pool = AnchorPool(gamma=1e9, tau=args.tau)  # no entropy gate: every question is matched
     eng = ReuseEngine(lm, "reuse", pool=pool, config=ReuseConfig(max_new_tokens=args.max_new_tokens, sink_head=not args.no_sink_head))
     agent = MultiAgentRunner(eng, wl, 5).templates[(0, 0)]
@@ -83,8 +88,11 @@ def main() -> None:
         pool.commit(req)
     tkv = eng.template_kv(agent)
 
-    variants = ("zero", "estimated", "estimated+tail", "token-nearest", "oracle", *(f"true*(1-{a})" for a in RESIDUALS))
-    stats = {v: {"key_err": [], "value_err": [], "first_token": 0, "reply": 0} for v in variants}
+    variants = ("zero", "estimated", "estimated+tail", "blend", "token-nearest", "oracle", *(f"true*(1-{a})" for a in RESIDUALS))
+    if args.variants:
+        variants = tuple(v for v in variants if v in args.variants.split(","))
+    stats = {v: {"key_err": [], "value_err": [], "first_token": 0, "reply": 0, "layer_value_err": [], "token_value_err": []}
+             for v in variants}
     skipped = 0
     for it in wl.items[args.anchors :]:
         q = ids_of(it.question)
@@ -103,29 +111,44 @@ def main() -> None:
                  KVBlock(torch.zeros_like(tkv.segments[0].k), torch.zeros_like(tkv.segments[0].v)))
         oracle = (move(lm, true.slice(a, b), -a) - base, move(lm, true.slice(sa, sb), -sa) - tkv.segments[0])
         est = (m.placeholder_offset, m.segment_offset)
-        offsets = {"zero": zeros, "estimated": est, "estimated+tail": est,
-                   "token-nearest": (token_nearest(lm, pool.anchors("user_question"), agent.pool_key, base), est[1]),
-                   "oracle": oracle}
+        offsets = {"zero": zeros, "estimated": est, "estimated+tail": est, "blend": est, "oracle": oracle}
+        if "token-nearest" in variants:
+            offsets["token-nearest"] = (token_nearest(lm, pool.anchors("user_question"), agent.pool_key, base), est[1])
         for r in RESIDUALS:
             offsets[f"true*(1-{r})"] = tuple(KVBlock(o.k * (1 - r), o.v * (1 - r)) for o in oracle)
         for name, (po, so) in offsets.items():
+            if name not in variants:
+                continue
             full = assemble(lm, tkv.p0, spans, [add_offset(base, po), add_offset(tkv.segments[0], so)])
             t = sa if name.endswith("+tail") else len(ids) - 1  # +tail: the last segment is prefilled
-            lg, c2, _ = prefill(lm, ids[t:], full.slice(0, t))
-            lg = lg[0, -1]
-            if t < len(ids) - 1:
-                full = cache_to_block(c2, 0, len(ids))  # the assembled prefix, then the prefilled tail
+            if name == "blend":  # the estimated offsets, then `--recompute` of the reused tokens (deviation picker)
+                picked, _ = choose(lm, "deviation", args.recompute, ids, spans, full.slice(0, t), None)
+                lg, c2 = recompute(lm, ids, full.slice(0, t), picked)
+                full = cache_to_block(c2, 0, len(ids))
+            else:
+                lg, c2, _ = prefill(lm, ids[t:], full.slice(0, t))
+                lg = lg[0, -1]
+            if t < len(ids) - 1 or name == "blend":
+                full = cache_to_block(c2, 0, len(ids))  # the assembled prefix, then what was run
             reply = greedy_continue(lm, c2, lg, len(ids), args.max_new_tokens, eng.stops, feed_last=True)
             s = stats[name]
             s["first_token"] += int(lg.argmax() == logits.argmax())
             s["reply"] += int(reply == dense_reply)
             for key, x, y in (("key_err", full.k, true.k), ("value_err", full.v, true.v)):
                 s[key].append(float((x[1:, :, a:sb] - y[1:, :, a:sb]).norm() / y[1:, :, a:sb].norm()))
-    n = args.questions - skipped
+            dv = (full.v[:, :, a:b].float() - true.v[:, :, a:b].float())
+            ref = true.v[:, :, a:b].float().pow(2).sum(dim=(1, 2, 3)).sqrt().clamp_min(1e-9)
+            s["layer_value_err"].append((dv.pow(2).sum(dim=(1, 2, 3)).sqrt() / ref).tolist())
+            s["token_value_err"].append(dv[1:].pow(2).sum(dim=(0, 1, 3)).tolist())  # per placeholder token
+    n = max(1, args.questions - skipped)
     out = {"args": vars(args), "questions": n, "skipped": skipped}
     for name, s in stats.items():
+        layers = torch.tensor(s["layer_value_err"]).mean(0).tolist() if s["layer_value_err"] else []
+        first8 = [sum(t[:8]) / max(1e-12, sum(t)) for t in s["token_value_err"]]
         out[name] = {"key_err": sum(s["key_err"]) / n, "value_err": sum(s["value_err"]) / n,
-                     "first_token_equal": s["first_token"] / n, "reply_equal": s["reply"] / n}
+                     "first_token_equal": s["first_token"] / n, "reply_equal": s["reply"] / n,
+                     "placeholder_value_err_per_layer": layers,
+                     "share_of_placeholder_value_error_in_first_8_tokens": sum(first8) / max(1, len(first8))}
         print(f"{name:16s} key err {out[name]['key_err']:.3f}  value err {out[name]['value_err']:.3f}  "
               f"first token = dense {s['first_token']}/{n}  reply = dense {s['reply']}/{n}")
     print(json.dumps(out))

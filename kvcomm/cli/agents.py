@@ -6,17 +6,7 @@ import argparse
 from pathlib import Path
 
 from kvcomm.agents.workloads import WORKLOADS
-from kvcomm.cli.common import add_model_args, bounded, console, load, positive_int, shard
-
-
-def setting(value: str) -> str:
-    from kvcomm.reuse.engine import parse_setting
-
-    try:
-        parse_setting(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return value
+from kvcomm.cli.common import add_model_args, bounded, console, load, positive_int, setting, shard
 
 
 def add_parser(sub) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from kvcomm.cli.common import positive_int
+from kvcomm.cli.common import positive_int, setting
 from kvcomm.experiments.bench import PARTS, BenchConfig, profile_calls, run_bench
 from kvcomm.experiments.bench_models import PRESETS
 
@@ -21,14 +21,7 @@ def parts(value: str) -> tuple[str, ...]:
 
 
 def settings(value: str) -> tuple[str, ...]:
-    from kvcomm.reuse.engine import parse_setting
-
-    chosen = tuple(x.strip() for x in value.split(",") if x.strip())
-    try:
-        for x in chosen:
-            parse_setting(x)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    chosen = tuple(setting(x.strip()) for x in value.split(",") if x.strip())
     if not chosen:
         raise argparse.ArgumentTypeError("give at least one setting")
     return chosen

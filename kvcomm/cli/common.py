@@ -83,6 +83,17 @@ def shard(text: str) -> tuple[int, int]:
     return k, n
 
 
+def setting(value: str) -> str:
+    """A reuse setting (`kvcomm.reuse.engine.parse_setting`: dense, prefix, reuse, blend@R, …), checked."""
+    from kvcomm.reuse.engine import parse_setting
+
+    try:
+        parse_setting(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
 def add_model_args(p) -> None:
     p.add_argument("--model", default="embedded", help="'embedded' (default, SmolLM2-135M GGUF), a name from 'kvcomm models list' "
                         "(e.g. qwen2.5-coder-0.5b), a .gguf file, a model dir or a hub id")

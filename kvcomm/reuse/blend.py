@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from kvcomm.core.attention import mask_zeros
+from kvcomm.core.attention import causal_mask, mask_zeros
 from kvcomm.core.kv import KVBlock, block_to_cache, cache_to_block, ids_tensor, prefill
 
 SELECTORS = ("deviation", "offset", "first")
@@ -89,9 +89,7 @@ def layer1_value_deviation(lm, ids: list[int], assembled: KVBlock) -> torch.Tens
     x = inner.embed_tokens(ids_tensor(ids[:n], lm.device))
     pos = torch.arange(n, device=lm.device).unsqueeze(0)
     pe = inner.rotary_emb(x, position_ids=pos)
-    mask = mask_zeros(n, n, x.dtype, lm.device)
-    mask[0, 0].masked_fill_(torch.triu(torch.ones(n, n, dtype=torch.bool, device=lm.device), 1), torch.finfo(x.dtype).min)
-    h = inner.layers[0](x, attention_mask=mask, position_embeddings=pe, position_ids=pos, past_key_values=None,
+    h = inner.layers[0](x, attention_mask=causal_mask(0, 0, n, x.dtype, lm.device), position_embeddings=pe, position_ids=pos, past_key_values=None,
                         use_cache=False)
     layer1 = inner.layers[1]
     v = layer1.self_attn.v_proj(layer1.input_layernorm(h))  # [1, n, kv_heads * head_dim]

@@ -275,7 +275,8 @@ class ReuseEngine:
             logits, cache = _run(lm, ids)
             self._record(agent, tkv, cache, spans, contents, bases, matches, agent_key, request)
             return logits, cache, "dense", prefilled + len(ids), {}
-        pieces, offsets = [], []
+        by_offset = cfg.recompute > 0 and cfg.select == "offset"  # the only user of the value offsets
+        pieces, offsets = [], ([torch.zeros_like(tkv.p0.v)] if by_offset else [])
         for kind, _, _ in spans[1:]:
             if kind.startswith("p"):
                 i = int(kind[1:])
@@ -285,14 +286,13 @@ class ReuseEngine:
                 base, m = bases[kind], matches.get(kind)
                 offset = m.placeholder_offset if m is not None else None
             pieces.append(add_offset(base, offset) if offset is not None else base)
-            offsets.append(offset.v[:, :, : base.n] if offset is not None else torch.zeros_like(base.v))
+            if by_offset:
+                offsets.append(offset.v[:, :, : base.n] if offset is not None else torch.zeros_like(base.v))
         full = assemble(lm, tkv.p0, spans, pieces)
         t = self._tail_start(spans, len(ids))
         entropies = {k: m.entropy for k, m in matches.items()}
         if cfg.recompute > 0:
-            value_offsets = None
-            if cfg.select == "offset":
-                value_offsets = torch.cat([torch.zeros_like(tkv.p0.v), *offsets], 2)[:, :, :t]
+            value_offsets = torch.cat(offsets, 2)[:, :, :t] if by_offset else None
             picked, extra = choose(lm, cfg.select, cfg.recompute, ids, spans, full.slice(0, t), value_offsets)
             logits, cache = recompute(lm, ids, full.slice(0, t), picked)
             return logits, cache, "reuse", prefilled + len(ids) - t + len(picked) + round(extra), entropies

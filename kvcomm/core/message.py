@@ -236,9 +236,17 @@ def layer_tensors(tensors, kind: str, layers: list[int], precision: str, g: int,
             raise CorruptMessageError(f"scale tensor {kind}_scale.{layer} holds zero or negative scales (corrupt file)")
         if zero is not None and (layer := _first_bad(torch.isfinite(zero.flatten(1)).all(1), layers)) is not None:
             raise NonFiniteError(f"zero-point tensor {kind}_zero.{layer} holds NaN or Inf; the sender's file is broken")
-        q = Quantized(precision, g, _KV_AXIS[kind], (len(layers), *shape), stack("{kind}.{layer}"), scale, zero)
-        x = dequantize(q, dtype)
-    if (layer := _first_bad(torch.isfinite(x.flatten(1)).all(1), layers)) is not None:
+        codes = stack("{kind}.{layer}")
+        if precision == "fp8":  # e4m3fn's only non-finite codes are NaN: S.1111.111
+            nan = ((codes.view(torch.uint8) & 0x7F) == 0x7F).flatten(1).any(1)
+            if (layer := _first_bad(~nan, layers)) is not None:
+                raise NonFiniteError(f"layer {layer} of the message holds NaN values; the sender's model or file is broken")
+        x = dequantize(Quantized(precision, g, _KV_AXIS[kind], (len(layers), *shape), codes, scale, zero), dtype)
+    # Quantized codes are finite and bounded (|q| <= 448) and the scales and zero points were just checked
+    # finite, so their products (<= 449 * 65504) are finite in bf16/fp32 and this full pass is skipped;
+    # fp16 can overflow, so it (and dense tensors) is checked
+    bounded = precision in QUANTIZED and dtype in (torch.bfloat16, torch.float32)
+    if not bounded and (layer := _first_bad(torch.isfinite(x.flatten(1)).all(1), layers)) is not None:
         raise NonFiniteError(f"layer {layer} of the message holds NaN or Inf values; the sender's model or file is broken")
     return list(x.unbind(0))
 

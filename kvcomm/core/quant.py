@@ -45,6 +45,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvcomm.core import quant_kernel
+
 PRECISIONS = ("bf16", "fp16", "fp32", "fp8", "int8", "int4")
 DENSE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 QUANTIZED = ("fp8", "int8", "int4")
@@ -211,10 +213,81 @@ def quantize(x: torch.Tensor, precision: str, group_size: int = DEFAULT_GROUP_SI
                      None if zero is None else zero.contiguous())
 
 
+def _grouped_view(t: torch.Tensor, g: int, axis: str) -> torch.Tensor:
+    """[..., T, D] -> [..., T/g, g, D] (token axis) or [..., T, D/g, g] (channel axis), a view; the axis
+    length must be a multiple of g."""
+    return t.unflatten(-2, (-1, g)) if axis == "token" else t.unflatten(-1, (-1, g))
+
+
+def _group_scale(s: torch.Tensor, axis: str) -> torch.Tensor:
+    """A per-group tensor in the scale layout as a view that broadcasts against `_grouped_view`."""
+    return s.unsqueeze(-2) if axis == "token" else s.unsqueeze(-1)
+
+
+def _affine_into(out: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> None:
+    """out = codes·scale (+ zero), one fused elementwise kernel: computed in float32 (scale is float32),
+    written in out's dtype, scales broadcast from their group views (never expanded in memory)."""
+    if zero is None:
+        torch.mul(codes, scale, out=out)
+    else:
+        torch.addcmul(zero, codes, scale, out=out)
+
+
+def _dequantize_into(out: torch.Tensor, q: Quantized, codes: torch.Tensor, lo: int, hi: int) -> None:
+    """Dequantize groups [lo, hi) along q's grouped axis into out (all groups equally long inside)."""
+    axis, g = q.axis, _span(q.shape, q.group_size, q.axis)[2]
+    dim = -2 if axis == "token" else -1
+    sl = lambda t, a, b: t.narrow(t.dim() + dim, a, b - a)  # noqa: E731
+    n = int(q.shape[dim])
+    a, b = lo * g, min(hi * g, n)
+    g_eff = min(g, b - a)
+    scale = sl(q.scale, lo, hi).float()
+    zero = None if q.zero is None else sl(q.zero, lo, hi).float()
+    if q.precision != "int4":
+        o, c = _grouped_view(sl(out, a, b), g_eff, axis), _grouped_view(sl(codes, a, b), g_eff, axis)
+        _affine_into(o, c, _group_scale(scale, axis), None if zero is None else _group_scale(zero, axis))
+        return
+    # int4: nibble pairs (2j, 2j+1) share a group (even g on the channel axis; any g on the token axis)
+    packed = sl(codes, a // 2, (b + 1) // 2) if axis == "channel" else sl(codes, a, b)
+    halves = sl(out, a, b).unflatten(-1, (-1, 2))  # [..., T, D/2, 2]: channel 2j at [..., j, 0]
+    gv = g_eff // 2 if axis == "channel" else g_eff
+    packed = _grouped_view(packed, gv, axis)
+    for half, nibbles in ((0, packed & 0x0F), (1, packed >> 4)):
+        s, z = (scale, zero) if axis == "channel" else (scale[..., half::2], zero[..., half::2])
+        _affine_into(_grouped_view(halves[..., half], gv, axis), nibbles, _group_scale(s, axis), _group_scale(z, axis))
+
+
 @torch.no_grad()
 def dequantize(q: Quantized, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The tensor [..., T, D] that `q` encodes, computed in float32 and returned in `dtype` (on q's device).
-    Scales are not checked here (the message decoder checks them before calling)."""
+    Scales are not checked here (the message decoder checks them before calling).
+
+    Each code is read once and each output element written once: the scale (and zero point) of its group
+    is broadcast from a view and the float32 product is cast to `dtype` in the same kernel, so the
+    receiver's cost is about the bytes moved (two kernels for int4's two nibbles, one cast more for fp8,
+    whose codes do not promote). A partial last group takes a second pass. On a GPU with Triton, one
+    fused kernel does it all (`kvcomm.core.quant_kernel`). An odd head_dim with int4, or
+    an odd channel-axis group, takes the reference path (`_dequantize_reference`)."""
+    d = q.shape[-1]
+    g = _span(q.shape, q.group_size, q.axis)[2]
+    if quant_kernel.available(q.codes, q.precision):  # one fused Triton kernel on a GPU
+        return quant_kernel.dequantize(q, g, dtype)
+    if q.precision == "int4" and (d % 2 or (q.axis == "channel" and g % 2)):
+        return _dequantize_reference(q, dtype)
+    codes = q.codes.to(dtype) if q.precision == "fp8" else q.codes
+    out = torch.empty(q.shape, dtype=dtype, device=q.codes.device)
+    n = int(q.shape[-2 if q.axis == "token" else -1])
+    full, groups = n // g, num_groups(n, g)
+    if full:
+        _dequantize_into(out, q, codes, 0, full)
+    if groups > full:
+        _dequantize_into(out, q, codes, full, groups)
+    return out
+
+
+def _dequantize_reference(q: Quantized, dtype: torch.dtype) -> torch.Tensor:
+    """Straightforward dequantization (scales expanded to full size, float32 intermediates): the
+    definition `dequantize` is tested against, and its path for layouts the fused one does not cover."""
     codes = unpack_int4(q.codes, q.shape[-1]) if q.precision == "int4" else q.codes
     x = codes.float()
     if q.zero is not None:

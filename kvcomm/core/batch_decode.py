@@ -41,8 +41,6 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvcomm.core import fast_decode
 
-WARMUP_STEPS = 3
-
 
 class BatchDecodeUnavailable(RuntimeError):
     """The server cannot take (or could not finish) this request; the caller decodes it alone."""
@@ -290,18 +288,8 @@ class DecodeServer:
         self.lens.add_(self.live)
 
     def _capture(self) -> None:
-        """Warm up on a side stream, then capture one step (all rows free; admission sets the state)."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(WARMUP_STEPS):
-                self._step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: caller threads run their prefills on this GPU while we capture
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self._step()
-        self.graph = graph
+        """Capture one step (all rows free; admission sets the state)."""
+        self.graph = fast_decode.capture_graph(self._step)
         self.captures += 1
 
 

@@ -97,6 +97,27 @@ def _config_reason(model) -> str | None:
     return _config_reasons[model]
 
 
+def capture_graph(step, reset=None, warmup: int = WARMUP_STEPS) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of `step()` (device work only): `warmup` eager runs on a side stream (lazy kernel
+    and allocator set-up must not happen under capture), `reset()` before the warm-up and again before
+    the capture, then the capture in thread-local mode, since other threads may run eager work on the
+    same GPU meanwhile. Decoding (`GraphDecoder`) and batched decoding (`batch_decode`) both use it."""
+    if reset is not None:
+        reset()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    if reset is not None:
+        reset()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        step()
+    return graph
+
+
 class GraphDecoder:
     """Static KV cache, input buffers and (with `graphs`) the captured step of one model.
 
@@ -174,23 +195,15 @@ class GraphDecoder:
         self.pos.fill_(position)
 
     def _capture(self, model) -> None:
-        """Warm up on a side stream, then capture one step (from an empty cache; `decode` reloads state)."""
+        """Capture one step from an empty cache (`decode` reloads the state before every replay)."""
         zeros = [0] * len(self.cache.layers)
-        self._set_state(zeros, 0)
-        self.ids.zero_()
-        with torch.cuda.device(self.device):
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(WARMUP_STEPS):
-                    self._step(model)
-            torch.cuda.current_stream().wait_stream(stream)
+
+        def reset() -> None:
             self._set_state(zeros, 0)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: other threads may run eager CUDA work on this GPU while we capture
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self._step(model)
-        self.graph = graph
+            self.ids.zero_()
+
+        with torch.cuda.device(self.device):
+            self.graph = capture_graph(lambda: self._step(model), reset)
         self.captures += 1
 
     @torch.no_grad()

@@ -7,6 +7,7 @@ import contextlib
 from pathlib import Path
 
 from kvcomm.core.errors import KVCommError
+from kvcomm.sharing.prompts import DEFAULT_LAYOUT, LAYOUTS
 
 EXIT_USER_ERROR = 2
 
@@ -112,3 +113,11 @@ def load(args, quiet: bool = False):
         err.print(f"[dim]model {lm.name}: {lm.num_layers} layers on {lm.device} ({str(lm.dtype).removeprefix('torch.')}), "
                   f"loaded in {lm.load_seconds:.1f}s[/dim]")
     return lm
+
+
+def add_layout_arg(p, default=DEFAULT_LAYOUT) -> None:
+    p.add_argument("--layout", choices=LAYOUTS, default=default,
+                   help="prompt layout: paper (sender and receiver each read their own chat prompt; default), turn "
+                        "(the receiver's prompt is the next user turn of the sender's conversation) or split (the "
+                        "receiver continues the single prompt where the question begins)"
+                   + ("; default: the sender's, as its message records it" if default is None else ""))

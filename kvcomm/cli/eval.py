@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvcomm.cli.common import add_model_args, load, positive_int, shard
+from kvcomm.cli.common import add_layout_arg, add_model_args, load, positive_int, shard
 from kvcomm.core.errors import DataError
 from kvcomm.core.quant import PRECISIONS
 from kvcomm.experiments.share_eval import (
@@ -18,7 +18,6 @@ from kvcomm.experiments.share_eval import (
     run_eval,
 )
 from kvcomm.experiments.share_report import PLAIN_METHODS, markdown_table, report
-from kvcomm.sharing.prompts import DEFAULT_LAYOUT, LAYOUTS
 from kvcomm.sharing.selection import DEFAULT_SPAN, SPANS
 
 
@@ -39,9 +38,7 @@ def add_parser(sub) -> None:
                    help="answer budget; the table reports the share of replies that hit it (default 32)")
     p.add_argument("--answer-prefix", default="",
                    help="text that starts every reply, e.g. 'The answer is:' (default: none)")
-    p.add_argument("--layout", choices=LAYOUTS, default=DEFAULT_LAYOUT,
-                   help="prompt layout: paper (sender and receiver each have their own chat prompt; default) or split "
-                        "(the receiver continues Skyline's prompt)")
+    add_layout_arg(p)
     p.add_argument("--span", choices=SPANS, default=DEFAULT_SPAN,
                    help="what calibration counts as attention on the context: every sender token (sender) or the "
                         f"context's own tokens (context); default {DEFAULT_SPAN}")

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from kvcomm.cli.common import add_model_args, console, load, positive_int, ratio, text_arg
+from kvcomm.cli.common import add_layout_arg, add_model_args, console, load, positive_int, ratio, text_arg
 from kvcomm.core.errors import KVCommError
 from kvcomm.sharing.prompts import DEFAULT_LAYOUT, LAYOUTS
 
@@ -14,19 +14,13 @@ DEMO_CONTEXT = "Uma is at the Mahaffie House. The Mahaffie House is in the city 
 DEMO_QUESTION = "Which country is Uma located in?"
 
 
-def add_layout_arg(p, default=DEFAULT_LAYOUT) -> None:
-    p.add_argument("--layout", choices=LAYOUTS, default=default,
-                   help="prompt layout: paper (sender and receiver each read their own chat prompt; default) or split "
-                        "(the receiver continues the single prompt where the question begins)"
-                   + ("; default: the sender's, as its message records it" if default is None else ""))
-
-
 def add_selection_args(p) -> None:
     p.add_argument("--ratio", type=ratio, default=0.5, help="share of layers to send (default 0.5)")
     p.add_argument("--layers", help="explicit layer list, e.g. 0,3,10-14 (overrides --ratio)")
-    p.add_argument("--selection", choices=["kvcomm", "random", "contiguous"], default="kvcomm",
-                   help="how to pick layers at --ratio (default: kvcomm attention importance + prior; "
-                        "contiguous: the best-scoring chunk of the same ranking)")
+    p.add_argument("--selection", choices=["kvcomm", "fidelity", "random", "contiguous"], default="kvcomm",
+                   help="how to pick layers at --ratio (default: kvcomm attention importance + prior; fidelity: "
+                        "the layers the receiver's answer needs, found by backward elimination on the calibration "
+                        "samples, best with --layout turn; contiguous: the best-scoring chunk of the attention ranking)")
     p.add_argument("--task", default="default", help="name under which the calibrated ranking is saved and reused")
     p.add_argument("--calibration", help="JSONL of calibration samples (default: 2 built-in samples)")
     p.add_argument("--seed", type=int, default=0, help="seed for --selection random")
@@ -173,19 +167,26 @@ def cmd_receive(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from kvcomm.sharing.selection import calibrate, calibration_samples, ranking_path
+    from kvcomm.sharing.selection import calibrate, calibrate_fidelity, calibration_samples, ranking_path
 
     lm = load(args)
     samples = calibration_samples(args.samples)
     if args.limit:
         samples = samples[: args.limit]
-    ranking = calibrate(lm, samples, alpha=args.alpha, sigma=args.sigma, task=args.task, progress=True, layout=args.layout)
-    path = Path(args.out) if args.out else ranking_path(lm, args.task, args.layout)
+    if args.score == "fidelity":
+        ranking = calibrate_fidelity(lm, samples, task=args.task, progress=True, layout=args.layout)
+    else:
+        ranking = calibrate(lm, samples, alpha=args.alpha, sigma=args.sigma, task=args.task, progress=True,
+                            layout=args.layout)
+    path = Path(args.out) if args.out else ranking_path(lm, args.task, args.layout, args.score)
     ranking.save(path)
     out = console()
     scores = ranking.combined()
     out.print(f"calibrated on {len(samples)} samples; saved to {path}")
-    out.print(f"layer scores S' (α={ranking.alpha:.2f}): " + " ".join(f"{i}:{s:.2f}" for i, s in enumerate(scores.tolist())))
+    if ranking.score == "fidelity":
+        out.print("layers, most needed first: " + " ".join(map(str, ranking.order())))
+    else:
+        out.print(f"layer scores S' (α={ranking.alpha:.2f}): " + " ".join(f"{i}:{s:.2f}" for i, s in enumerate(scores.tolist())))
     for r in (0.3, 0.5, 0.7):
         out.print(f"ratio {r}: layers {ranking.select(r)}")
     return 0
@@ -242,9 +243,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_receive)
 
-    p = sub.add_parser("calibrate", help="rank layers by attention importance and save the ranking for a task")
+    p = sub.add_parser("calibrate", help="rank layers (attention importance or output fidelity) and save the ranking")
     add_model_args(p)
     add_layout_arg(p)
+    p.add_argument("--score", choices=["attention", "fidelity"], default="attention",
+                   help="attention: the paper's Eq. 1 with the Gaussian prior (default); fidelity: backward "
+                        "elimination by the KL of the receiver's reply to all-layer sharing (--selection fidelity)")
     p.add_argument("--samples", help="JSONL with context/question per line (default: built-in samples)")
     p.add_argument("--task", default="default")
     p.add_argument("--limit", type=positive_int, help="use only the first N samples")

@@ -43,7 +43,14 @@ from kvcomm.experiments.share_report import PLAIN_METHODS, read_results, summari
 from kvcomm.experiments.tasks import generate as generate_task
 from kvcomm.sharing import baselines
 from kvcomm.sharing.prompts import DEFAULT_LAYOUT, split_prompt
-from kvcomm.sharing.selection import DEFAULT_SPAN, Ranking, calibrate, layers_for
+from kvcomm.sharing.selection import (
+    DEFAULT_SPAN,
+    Ranking,
+    calibrate,
+    calibrate_fidelity,
+    layers_for,
+    ranking_score,
+)
 from kvcomm.sharing.selection import METHODS as RATIO_METHODS
 from kvcomm.sharing.send_receive import generate, send
 
@@ -116,13 +123,18 @@ def method_names(methods: list[str], ratios: list[float]) -> list[str]:
     return names
 
 
-def task_ranking(lm, task: str, config: EvalConfig, out: Path) -> Ranking:
-    path = out / "rankings" / f"{Path(task).stem}.json"
+def task_ranking(lm, task: str, config: EvalConfig, out: Path, score: str = "attention") -> Ranking:
+    """The task's ranking by `score`, calibrated on one held-out item (saved under out/rankings)."""
+    path = out / "rankings" / f"{Path(task).stem}{'' if score == 'attention' else '.' + score}.json"
     if path.exists():
         return Ranking.load(path)
     held_out = load_items(task, 1, config.seed + 1000)  # a JSONL file ignores the seed: its first item
-    ranking = calibrate(lm, [(held_out[0]["context"], held_out[0]["question"])], task=task,
-                        answer_prefix=config.answer_prefix, layout=config.layout, span=config.span)
+    sample = [(held_out[0]["context"], held_out[0]["question"])]
+    if score == "fidelity":
+        ranking = calibrate_fidelity(lm, sample, task=task, answer_prefix=config.answer_prefix, layout=config.layout)
+    else:
+        ranking = calibrate(lm, sample, task=task, answer_prefix=config.answer_prefix, layout=config.layout,
+                            span=config.span)
     ranking.save(path)
     return ranking
 
@@ -249,8 +261,8 @@ def run_eval(lm, config: EvalConfig, out: Path, progress: bool = True) -> dict:
     per_task, rankings, online = {}, {}, {}
     for task in tasks:
         items = load_items(task, c.limit, c.seed)
-        if any(m.partition("@")[0] in RATIO_METHODS for m in names):
-            rankings[task] = task_ranking(lm, task, c, out)
+        scores = {ranking_score(m.partition("@")[0]) for m in names if m.partition("@")[0] in RATIO_METHODS}
+        rankings[task] = {score: task_ranking(lm, task, c, out, score) for score in sorted(scores)}
         online[task] = OnlineRanking(lm, items, c)
         per_task[task] = [dict(item, _task=task, _index=i) for i, item in enumerate(items)]
     # Item i of every task before item i + 1 of any: an interrupted run still gives a balanced table.
@@ -265,7 +277,7 @@ def run_eval(lm, config: EvalConfig, out: Path, progress: bool = True) -> dict:
             if state is None or state.item is not item:
                 state = ItemState(lm, item, c)
             task = item["_task"]
-            row = run_item(lm, item, m, rankings.get(task), c, state, online[task])
+            row = run_item(lm, item, m, rankings[task].get(ranking_score(m.partition("@")[0])), c, state, online[task])
             f.write(json.dumps(row) + "\n")
             f.flush()
             done[(row["task"], row["id"], row["method"])] = row
@@ -275,6 +287,9 @@ def run_eval(lm, config: EvalConfig, out: Path, progress: bool = True) -> dict:
                     "span": c.span, "precision": c.precision,
                     "max_new_tokens": c.max_new_tokens,
                     "ac_layer": baselines.ac_layer(lm.num_layers) if c.ac_layer is None else c.ac_layer,
-                    "rankings": {t: r.raw for t, r in rankings.items()}})
+                    "rankings": {t: r["attention"].raw for t, r in rankings.items() if "attention" in r},
+                    **({"fidelity_orders": {t: r["fidelity"].order()
+                                            for t, r in rankings.items() if "fidelity" in r}}
+                       if any("fidelity" in r for r in rankings.values()) else {})})
     write_report(out, summary)
     return summary

@@ -59,14 +59,16 @@ def summarise(rows: list[dict], tasks: list[str], names: list[str]) -> dict:
 
 
 def compare(rows: list[dict], names: list[str]) -> dict:
-    """Exact McNemar of kvcomm@r against random@r and contiguous@r on `contains`, over items both ran."""
+    """Exact McNemar on `contains`, over items both ran: kvcomm@r and fidelity@r against random@r,
+    contiguous@r and Skyline, and fidelity@r against kvcomm@r."""
     by = {(r["task"], r["id"], r["method"]): bool(r.get("contains", r["match"])) for r in rows}
     out = {}
     for m in names:
-        if not m.startswith("kvcomm@"):
+        base, _, r = m.partition("@")
+        if base not in ("kvcomm", "fidelity"):
             continue
-        r = m.split("@")[1]
-        for other in (f"random@{r}", f"contiguous@{r}", "skyline"):
+        others = [f"random@{r}", f"contiguous@{r}", "skyline"] + ([f"kvcomm@{r}"] if base == "fidelity" else [])
+        for other in others:
             keys = [(t, i) for (t, i, mm) in by if mm == m and (t, i, other) in by]
             if keys:
                 a, b = [by[(t, i, m)] for t, i in keys], [by[(t, i, other)] for t, i in keys]
@@ -105,7 +107,7 @@ def markdown_table(summary: dict) -> str:
                   f"| {_mean(table, m, 'sender_flops', tasks) / 1e9:.2f} | {_mean(table, m, 'receiver_flops', tasks) / 1e9:.2f} "
                   f"| {_mean(table, m, 'sender_s', tasks) * 1e3:.0f} | {_mean(table, m, 'ttft_ms', tasks):.0f} |")
     n = {t: max((table[m][t]["n"] for m in table if t in table[m]), default=0) for t in tasks}
-    comp = ["| comparison (answer contained) | items | KVComm right | other right | KVComm only | other only | exact McNemar p |",
+    comp = ["| comparison (answer contained) | items | first right | second right | first only | second only | exact McNemar p |",
             "|---|---|---|---|---|---|---|"]
     for k, c in summary.get("comparisons", {}).items():
         comp.append(f"| {k} | {c['items']} | {c['kvcomm']} | {c['other']} | {c['a_only']} | {c['b_only']} | {c['p']:.2g} |")
@@ -123,12 +125,15 @@ def report(out: Path, tasks: list[str], names: list[str]) -> dict:
     summary = summarise(rows, tasks, names)
     paths = {t: out / "rankings" / f"{Path(t).stem}.json" for t in tasks}
     rankings = {t: Ranking.load(p) for t, p in paths.items() if p.exists()}
+    fidelity = {t: out / "rankings" / f"{Path(t).stem}.fidelity.json" for t in tasks}
+    orders = {t: Ranking.load(p).order() for t, p in fidelity.items() if p.exists()}
     counts = [c["n"] for cells in summary["table"].values() for c in cells.values()]
     complete = len(counts) == len(tasks) * len(names) and len(set(counts)) == 1
     settings = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
     # the model, as the calibrations recorded it (a file path shortened to its name)
     models = {Path(r.model).name for r in rankings.values()} - {""}
     summary.update({"rows": len(rows), "partial": not complete, "rankings": {t: r.raw for t, r in rankings.items()},
+                    **({"fidelity_orders": orders} if orders else {}),
                     "model": ", ".join(sorted(models)), **{k: settings[k] for k in ("layout", "span", "precision", "max_new_tokens",
                                                                                    "answer_prefix") if k in settings}})
     write_report(out, summary)
@@ -157,7 +162,8 @@ def plot(summary: dict, out: Path) -> None:
     # One colour per method family in both panels; ratio methods that coincide (kvcomm and
     # kvcomm-online often do) stay visible through different line styles and marker sizes.
     colour = {m: f"C{i}" for i, m in enumerate(RATIO_METHODS + PLAIN_METHODS)}
-    style = {"kvcomm": ("-", 9), "kvcomm-online": ("--", 5), "random": ("-", 6), "contiguous": (":", 6)}
+    style = {"kvcomm": ("-", 9), "kvcomm-online": ("--", 5), "fidelity": ("-", 7), "random": ("-", 6),
+             "contiguous": (":", 6)}
     for base in RATIO_METHODS:
         pts = sorted((float(m.split("@")[1]), mean(m, "contains")) for m in summary["methods"]
                      if m.startswith(base + "@") and mean(m, "contains") is not None)

@@ -9,6 +9,13 @@ Two layouts, an explicit choice (`layout=`):
          still has a chat head (its attention sink) and a whole prompt. Skyline is one chat prompt
          holding context, question and instruction; Baseline is the receiver's prompt alone.
          Sharing every layer equals a dense prefill of [sender tokens; receiver tokens] (tested).
+  turn   the sender's prompt as in `paper`; the receiver's prompt is the *next user turn* of the sender's
+         conversation ("<|im_start|>user Question: …" + the assistant header), with no system prompt of
+         its own, positions continuing after the sender's. Sharing every layer equals a dense prefill
+         of one two-turn conversation. Why: in `paper` the receiver opens a second conversation (its
+         own system prompt), and small models read that as a reset: on SmolLM2-135M sharing *every*
+         layer answers the needle task 40% of the time in `paper` and 100% in `turn` (Skyline: 100%;
+         `docs/sharing.md`). Skyline and Baseline are `paper`'s.
   split  Skyline's chat prompt "<C>\\n\\n<Q>" cut where the question begins: the sender prefills the
          first half, the receiver the rest, so sender + receiver tokens *are* Skyline's and sharing
          every layer reproduces Skyline exactly (tested). The receiver's tokens have no chat head.
@@ -26,7 +33,7 @@ from dataclasses import dataclass
 _C, _Q = "\x00KVCOMM_CONTEXT\x00", "\x00KVCOMM_QUESTION\x00"
 DEFAULT_SYSTEM = "Answer the question with a few words, using the context if one is given."
 SHORT_ANSWER = "Only give me the answer and do not output any other words."
-LAYOUTS = ("paper", "split")
+LAYOUTS = ("paper", "turn", "split")
 DEFAULT_LAYOUT = "paper"
 
 
@@ -50,6 +57,22 @@ def _render(tokenizer, user: str, system: str | None, generation: bool = True) -
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
     return f"{system + chr(10) if system else ''}{user}" + ("\nAnswer:" if generation else "\n\n")
+
+
+def _next_turn(tokenizer, user: str, system: str | None) -> str:
+    """The text that follows the sender's rendered prompt when the conversation goes on with a second
+    user turn `user` and the assistant header (found by rendering both and taking the difference)."""
+    first = "Context: \x00"
+    if not _chat(tokenizer):
+        return f"{user}\nAnswer:"
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": first}]
+    head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    both = tokenizer.apply_chat_template(messages + [{"role": "user", "content": user}], tokenize=False,
+                                         add_generation_prompt=True)
+    if not both.startswith(head):
+        raise ValueError("this chat template renders a first turn differently when a second one follows; "
+                         "use --layout paper or split")
+    return both[len(head):]
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -96,9 +119,11 @@ def split_prompt(tokenizer, context: str, question: str, system: str | None = DE
         baseline = encode(tokenizer, _render(tokenizer, question, system) + answer_prefix)
         return SharePrompt(sender, receiver, sender + receiver, baseline, layout)
     sender = encode(tokenizer, _render(tokenizer, f"Context: {context}", system, generation=False))
-    receiver = encode(tokenizer, _render(tokenizer, _question(question), system) + answer_prefix)
+    alone = encode(tokenizer, _render(tokenizer, _question(question), system) + answer_prefix)
+    receiver = encode(tokenizer, _next_turn(tokenizer, _question(question), system) + answer_prefix) \
+        if layout == "turn" else alone
     skyline = encode(tokenizer, skyline_text(tokenizer, context, question, system, answer_prefix, layout))
-    return SharePrompt(sender, receiver, skyline, receiver, layout)
+    return SharePrompt(sender, receiver, skyline, alone, layout)
 
 
 def context_span(tokenizer, context: str, system: str | None = DEFAULT_SYSTEM, layout: str = DEFAULT_LAYOUT) -> tuple[int, int]:

@@ -70,6 +70,8 @@ class Ranking:
     task: str = ""
     layout: str = DEFAULT_LAYOUT  # the prompt layout it was calibrated with, and serves
     span: str = DEFAULT_SPAN  # the key columns Ŝ counts: every sender token, or the context's alone
+    score: str = "attention"  # "attention" (Eq. 1, raw = Ŝ) or "fidelity" (raw = L − rank: `sharing.fidelity`)
+    curve: list[float] | None = None  # fidelity only: the calibration KL after each removal
 
     @property
     def num_layers(self) -> int:
@@ -79,9 +81,13 @@ class Ranking:
         s = normalise(torch.tensor(self.raw, dtype=torch.float64))
         return self.alpha * s + (1 - self.alpha) * gaussian_prior(self.num_layers, self.mu, self.sigma)
 
+    def order(self) -> list[int]:
+        """Every layer, the first chosen first (ties: the lower layer)."""
+        return torch.argsort(self.combined(), descending=True, stable=True).tolist()
+
     def select(self, ratio: float) -> list[int]:
         m = num_selected(ratio, self.num_layers)
-        return sorted(torch.argsort(self.combined(), descending=True, stable=True)[:m].tolist())
+        return sorted(self.order()[:m])
 
     def save(self, path: str | Path) -> None:
         write_atomic(path, json.dumps(asdict(self), indent=1))
@@ -145,19 +151,40 @@ def calibrate(
                    layout, span)
 
 
-def ranking_path(lm: LoadedModel, task: str, layout: str = DEFAULT_LAYOUT) -> Path:
+def calibrate_fidelity(lm: LoadedModel, samples: list[tuple[str, str]], task: str = "", progress: bool = False,
+                       answer_prefix: str = "", layout: str = DEFAULT_LAYOUT) -> Ranking:
+    """The output-fidelity ranking of `samples` (`kvcomm.sharing.fidelity`) as a Ranking: raw = L − rank,
+    α = 1, so `select` and `combined` follow the elimination order."""
+    from kvcomm.sharing.fidelity import fidelity_order
+
+    order, curve = fidelity_order(lm, samples, answer_prefix=answer_prefix, layout=layout, progress=progress)
+    raw = [0.0] * lm.num_layers
+    for rank, layer in enumerate(order):
+        raw[layer] = float(lm.num_layers - rank)
+    return Ranking(raw, 1.0, lm.num_layers / 2, 10.0, len(samples), lm.name, task, layout, score="fidelity",
+                   curve=curve)
+
+
+SCORES = ("attention", "fidelity")
+
+
+def ranking_path(lm: LoadedModel, task: str, layout: str = DEFAULT_LAYOUT, score: str = "attention") -> Path:
     fp = fingerprint(lm.model, lm.tokenizer)
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in task) or "default"
-    return cache_dir() / "rankings" / f"{fp.architecture}-{fp.weights_digest[:12]}" / f"{safe}.{layout}.json"
+    suffix = "" if score == "attention" else f".{score}"
+    return cache_dir() / "rankings" / f"{fp.architecture}-{fp.weights_digest[:12]}" / f"{safe}.{layout}{suffix}.json"
 
 
 def cached_ranking(lm: LoadedModel, task: str, samples: list[tuple[str, str]], progress: bool = False,
-                   layout: str = DEFAULT_LAYOUT, **kw) -> Ranking:
-    """Load the saved ranking for (model, task, layout), calibrating and saving it the first time."""
-    path = ranking_path(lm, task, layout)
+                   layout: str = DEFAULT_LAYOUT, score: str = "attention", **kw) -> Ranking:
+    """Load the saved ranking for (model, task, layout, score), calibrating and saving it the first time."""
+    path = ranking_path(lm, task, layout, score)
     if path.exists():
         return Ranking.load(path)
-    ranking = calibrate(lm, samples, task=task, progress=progress, layout=layout, **kw)
+    if score == "fidelity":
+        ranking = calibrate_fidelity(lm, samples, task=task, progress=progress, layout=layout, **kw)
+    else:
+        ranking = calibrate(lm, samples, task=task, progress=progress, layout=layout, **kw)
     ranking.save(path)
     return ranking
 
@@ -180,7 +207,12 @@ def contiguous_layers(num_layers: int, ratio: float, start: int | None = None, s
     return list(range(start, start + m))
 
 
-METHODS = ("kvcomm", "kvcomm-online", "random", "contiguous")
+METHODS = ("kvcomm", "kvcomm-online", "fidelity", "random", "contiguous")
+
+
+def ranking_score(method: str) -> str:
+    """Which calibrated ranking a selection method reads: 'fidelity' for fidelity, else 'attention'."""
+    return "fidelity" if method == "fidelity" else "attention"
 
 
 def layers_for(method: str, ratio: float, num_layers: int, ranking: Ranking | None = None, seed: int = 0) -> list[int]:
@@ -188,18 +220,21 @@ def layers_for(method: str, ratio: float, num_layers: int, ranking: Ranking | No
 
       kvcomm, kvcomm-online  the top ⌈ratio·L⌉ layers of `ranking` by S' (the online variant differs
                              only in which ranking it passes)
+      fidelity               the first ⌈ratio·L⌉ layers of an output-fidelity ranking (`sharing.fidelity`)
       random                 ⌈ratio·L⌉ layers drawn with `seed`
       contiguous             the contiguous chunk of that size with the highest total S' of `ranking`;
                              the centred chunk when no ranking is given (speed benchmarks, where
                              which layers travel does not matter)
     """
-    if method in ("kvcomm", "kvcomm-online"):
-        if ranking is None:
-            raise ValueError(f"{method} selection needs a calibrated ranking")
+    if method in ("kvcomm", "kvcomm-online", "fidelity"):
+        if ranking is None or ranking.score != ranking_score(method):
+            raise ValueError(f"{method} selection needs a calibrated {ranking_score(method)} ranking")
         return ranking.select(ratio)
     if method == "random":
         return random_layers(num_layers, ratio, seed)
     if method == "contiguous":
+        if ranking is not None and ranking.score != "attention":
+            raise ValueError("contiguous selection takes the best block of an attention ranking")
         return contiguous_layers(num_layers, ratio, scores=ranking.combined() if ranking is not None else None)
     raise ValueError(f"unknown selection method {method!r}; choose from {', '.join(METHODS)}")
 
@@ -213,7 +248,8 @@ class Selection:
     """Which layers a sender sends: an explicit list, or `method` at `ratio` (ranking saved under `task`).
 
     layers       explicit list such as "0,3,10-14" (overrides method and ratio)
-    method       kvcomm (attention importance + prior), random or contiguous (best chunk of the ranking)
+    method       kvcomm (attention importance + prior), fidelity (output-checked ranking), random or
+                 contiguous (best chunk of the attention ranking)
     calibration  JSONL of calibration samples; None = the two built-in samples
     layout       the prompt layout the ranking is calibrated for (`kvcomm.sharing.prompts`)
     """
@@ -240,7 +276,7 @@ def choose_layers(lm: LoadedModel, selection: Selection, progress: bool = True) 
     ranking = None
     if needs_ranking(selection.method):
         ranking = cached_ranking(lm, selection.task, calibration_samples(selection.calibration), progress=progress,
-                                 layout=selection.layout)
+                                 layout=selection.layout, score=ranking_score(selection.method))
     return layers_for(selection.method, selection.ratio, lm.num_layers, ranking, selection.seed), selection.method
 
 

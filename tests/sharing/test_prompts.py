@@ -1,4 +1,4 @@
-"""Prompt layouts: sharing every layer equals a dense prefill of [sender; receiver] in both layouts."""
+"""Prompt layouts: sharing every layer equals a dense prefill of [sender; receiver] in every layout."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import make_tiny
 
-from kvcomm.sharing.prompts import LAYOUTS, split_prompt
+from kvcomm.sharing.prompts import DEFAULT_SYSTEM, LAYOUTS, _question, encode, split_prompt
 from kvcomm.sharing.selection import calibrate
 from kvcomm.sharing.send_receive import generate, receive_prefill, send
 
@@ -52,6 +52,31 @@ def test_paper_layout_gives_the_receiver_its_own_complete_prompt():
     assert "uma is at the house" in text and "which country is uma in" in text
     assert "which" not in tok.decode(p.sender_ids)  # the sender never sees the question
     assert "kansas" not in tok.decode(p.receiver_ids)  # nor the receiver the context
+
+
+def test_turn_layout_continues_the_senders_conversation():
+    """`turn`: the sender's prompt is paper's; sender + receiver is one conversation with two user turns
+    (one system prompt), rendered by the chat template exactly as a single two-turn chat would be."""
+    lm = model("llama", True)
+    tok = lm.tokenizer
+    paper, turn = (split_prompt(tok, CONTEXT, QUESTION, layout=lay) for lay in ("paper", "turn"))
+    assert turn.sender_ids == paper.sender_ids and turn.skyline_ids == paper.skyline_ids
+    assert turn.baseline_ids == paper.receiver_ids  # Baseline: the question alone, in its own complete prompt
+    messages = [{"role": "system", "content": DEFAULT_SYSTEM}, {"role": "user", "content": "Context: " + CONTEXT},
+                {"role": "user", "content": _question(QUESTION)}]
+    chat = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    first = tok.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=False)
+    assert turn.sender_ids == encode(tok, first) and turn.receiver_ids == encode(tok, chat[len(first):])
+    assert chat[len(first):].startswith("<|im_start|> user") and "system" not in chat[len(first):]
+
+
+def test_turn_layout_refuses_a_template_that_rewrites_the_first_turn():
+    lm = model("llama", True)
+    lm.tokenizer.chat_template = ("{% for m in messages %}{% if loop.last %}<|last|>{% endif %}<|im_start|> {{ m['role'] }} "
+                                  "{{ m['content'] }} <|im_end|> {% endfor %}{% if add_generation_prompt %}<|im_start|> "
+                                  "assistant {% endif %}")
+    with pytest.raises(ValueError, match="renders a first turn differently"):
+        split_prompt(lm.tokenizer, CONTEXT, QUESTION, layout="turn")
 
 
 def test_calibration_uses_the_layout_it_serves():

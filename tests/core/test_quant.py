@@ -182,15 +182,17 @@ def test_triton_kernel_matches_the_reference_definition():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_matches_cpu():
     """Dequantization of the same codes agrees on both devices (the GPU may take the Triton kernel, whose
-    fused multiply-add can differ by one float32 rounding); quantization agrees up to a rare one-step
-    difference where x/s lands on a rounding tie (fp8 conversion is done by different code on each)."""
+    fused multiply-add can differ by one float32 rounding); quantization agrees up to a rare one-ulp
+    scale or one-step code difference where a value lands on a rounding tie (measured on an H100: 4 of
+    16,384 scales, 68 of 409,600 values)."""
     k, v = kv_like(2, t=100)
     for precision in QUANTIZED:
         for x, axis in ((k, "token"), (v, "channel")):
             a = quantize(x, precision, 32, axis)
             torch.testing.assert_close(dequantize(a.to("cuda")).cpu(), dequantize(a), atol=1e-5, rtol=1e-5)
             b = quantize(x.cuda(), precision, 32, axis)
-            torch.testing.assert_close(b.scale.cpu(), a.scale, atol=0, rtol=0)
+            # scales: float32 arithmetic may round differently by one ulp, and so their float16 by one ulp
+            torch.testing.assert_close(b.scale.cpu().float(), a.scale.float(), atol=0, rtol=2**-10)
             da, db = dequantize(a), dequantize(b).cpu()
             differ = (da - db).abs() > 1e-5
             assert differ.float().mean() < 1e-3, precision

@@ -207,6 +207,7 @@ def cmd_inspect(args) -> int:
 
 def add_parsers(sub) -> None:
     from kvcomm.core.message import DEFAULT_MAX_BYTES
+    from kvcomm.sharing.selection import SCORES
 
     p = sub.add_parser("demo", help="Baseline vs Skyline vs KVComm on one context question (embedded model)")
     add_sender_args(p)
@@ -246,7 +247,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("calibrate", help="rank layers (attention importance or output fidelity) and save the ranking")
     add_model_args(p)
     add_layout_arg(p)
-    p.add_argument("--score", choices=["attention", "fidelity"], default="attention",
+    p.add_argument("--score", choices=SCORES, default="attention",
                    help="attention: the paper's Eq. 1 with the Gaussian prior (default); fidelity: backward "
                         "elimination by the KL of the receiver's reply to all-layer sharing (--selection fidelity)")
     p.add_argument("--samples", help="JSONL with context/question per line (default: built-in samples)")

@@ -1,6 +1,6 @@
 """Prompts of selective sharing: what the sender reads, what the receiver reads, Skyline and Baseline.
 
-Two layouts, an explicit choice (`layout=`):
+Three layouts, an explicit choice (`layout=`):
 
   paper  (default) the paper's and its code's layout (KVComm §3.1, App. K). The sender reads its own
          chat prompt, a finished user turn "Context: <C>"; the receiver reads its own *complete* chat

@@ -72,3 +72,13 @@ def test_eval_runs_fidelity_beside_kvcomm_and_compares_them(lm, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert all(r["layers"] == sorted(order[: len(r["layers"])]) for r in rows if r["method"].startswith("fidelity"))
     assert torch.is_tensor(Ranking.load(tmp_path / "rankings" / "countries.fidelity.json").combined())
+
+
+def test_choose_layers_calibrates_and_caches_a_fidelity_ranking_of_its_own(lm, tmp_path, monkeypatch):
+    from kvcomm.sharing.selection import Selection, choose_layers, ranking_path
+
+    monkeypatch.setenv("KVCOMM_CACHE", str(tmp_path))
+    layers, how = choose_layers(lm, Selection(ratio=0.4, method="fidelity", layout="turn", task="t"), progress=False)
+    path = ranking_path(lm, "t", "turn", "fidelity")
+    assert how == "fidelity" and path.exists() and layers == Ranking.load(path).select(0.4)
+    assert not ranking_path(lm, "t", "turn").exists()  # the attention ranking of the same task is another file

@@ -44,6 +44,8 @@ def add_parser(sub) -> None:
                         f"context's own tokens (context); default {DEFAULT_SPAN}")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="send the KV messages at this precision (fp8/int8/int4 quantized; default: the model's dtype)")
+    p.add_argument("--calibration-items", type=positive_int, default=1, metavar="N",
+                   help="held-out items per task each ranking is calibrated on (default 1, as in the paper)")
     p.add_argument("--recalibrate-every", type=positive_int, default=50, metavar="T",
                    help="kvcomm-online recalibrates on every T-th query (default 50)")
     p.add_argument("--summary-tokens", type=positive_int, default=48, help="NLD/CIPHER message length (default 48)")
@@ -72,7 +74,8 @@ def config_of(args) -> EvalConfig:
         load_items(t, 1, args.seed)
     return EvalConfig(tasks=tasks, methods=methods, ratios=ratios, limit=args.limit, seed=args.seed,
                       max_new_tokens=args.max_new_tokens, answer_prefix=args.answer_prefix,
-                      recalibrate_every=args.recalibrate_every, summary_tokens=args.summary_tokens,
+                      recalibrate_every=args.recalibrate_every, calibration_items=args.calibration_items,
+                      summary_tokens=args.summary_tokens,
                       ac_layer=args.ac_layer, shard=args.shard, layout=args.layout, span=args.span,
                       precision=args.precision)
 

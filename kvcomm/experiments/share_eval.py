@@ -73,6 +73,7 @@ class EvalConfig:
     span               the key columns calibration counts: the sender's tokens or its context's (`selection`)
     precision          KV message precision (fp8/int8/int4/bf16/…; None: the model's dtype, sent as is); the
                        receiver answers from what it decodes, and `bytes` counts the encoded message
+    calibration_items  held-out items per task the rankings (attention and fidelity) are calibrated on
     recalibrate_every  T of kvcomm-online
     summary_tokens     NLD / CIPHER message length
     ac_layer           AC's layer k = j (None: round(26/32 · layers))
@@ -89,6 +90,7 @@ class EvalConfig:
     layout: str = DEFAULT_LAYOUT
     span: str = DEFAULT_SPAN
     precision: str | None = None
+    calibration_items: int = 1
     recalibrate_every: int = 50
     summary_tokens: int = 48
     ac_layer: int | None = None
@@ -124,12 +126,13 @@ def method_names(methods: list[str], ratios: list[float]) -> list[str]:
 
 
 def task_ranking(lm, task: str, config: EvalConfig, out: Path, score: str = "attention") -> Ranking:
-    """The task's ranking by `score`, calibrated on one held-out item (saved under out/rankings)."""
+    """The task's ranking by `score`, calibrated on `config.calibration_items` held-out items (the paper:
+    one), saved under out/rankings."""
     path = out / "rankings" / f"{Path(task).stem}{'' if score == 'attention' else '.' + score}.json"
     if path.exists():
         return Ranking.load(path)
-    held_out = load_items(task, 1, config.seed + 1000)  # a JSONL file ignores the seed: its first item
-    sample = [(held_out[0]["context"], held_out[0]["question"])]
+    held_out = load_items(task, config.calibration_items, config.seed + 1000)  # a JSONL file: its first items
+    sample = [(item["context"], item["question"]) for item in held_out]
     if score == "fidelity":
         ranking = calibrate_fidelity(lm, sample, task=task, answer_prefix=config.answer_prefix, layout=config.layout)
     else:
@@ -221,6 +224,9 @@ def run_item(lm, item: dict, method: str, ranking: Ranking | None, config: EvalC
             "total_ms": gen.total_s * 1e3}
 
 
+SETTING_DEFAULTS = {"calibration_items": 1}
+
+
 def check_run_settings(out: Path, settings: dict) -> None:
     """Refuse to resume into `out` a run whose rows would not be comparable with those already there.
 
@@ -234,6 +240,7 @@ def check_run_settings(out: Path, settings: dict) -> None:
             before = json.loads(path.read_text())
         except ValueError as e:
             raise DataError(f"cannot read {path}: {e}; delete it to adopt {out} for this run") from None
+        before = {**SETTING_DEFAULTS, **before}  # settings added since a run.json was written took these values
         diff = [f"{k} {before.get(k)!r} there, {v!r} now" for k, v in settings.items() if before.get(k) != v]
         if diff:
             raise DataError(f"{out} holds results of another run ({'; '.join(diff)}); use a new --out, "
@@ -254,7 +261,8 @@ def run_eval(lm, config: EvalConfig, out: Path, progress: bool = True) -> dict:
     check_run_settings(out, {"model": fingerprint(lm.model, lm.tokenizer).short, "dtype": str(lm.dtype).removeprefix("torch."),
                              "seed": c.seed, "max_new_tokens": c.max_new_tokens, "answer_prefix": c.answer_prefix,
                              "recalibrate_every": c.recalibrate_every, "summary_tokens": c.summary_tokens,
-                             "ac_layer": c.ac_layer, "layout": c.layout, "span": c.span, "precision": c.precision})
+                             "ac_layer": c.ac_layer, "layout": c.layout, "span": c.span, "precision": c.precision,
+                             "calibration_items": c.calibration_items})
     results_path = out / "results.jsonl"
     done = read_results(results_path)
     names = c.method_names()
@@ -284,7 +292,7 @@ def run_eval(lm, config: EvalConfig, out: Path, progress: bool = True) -> dict:
     summary = summarise(list(done.values()), tasks, names)
     summary.update({"model": lm.name, "limit": c.limit, "seed": c.seed, "ran": len(todo), "resumed": skipped,
                     "answer_prefix": c.answer_prefix, "recalibrate_every": c.recalibrate_every, "layout": c.layout,
-                    "span": c.span, "precision": c.precision,
+                    "span": c.span, "precision": c.precision, "calibration_items": c.calibration_items,
                     "max_new_tokens": c.max_new_tokens,
                     "ac_layer": baselines.ac_layer(lm.num_layers) if c.ac_layer is None else c.ac_layer,
                     "rankings": {t: r["attention"].raw for t, r in rankings.items() if "attention" in r},

@@ -82,3 +82,17 @@ def test_choose_layers_calibrates_and_caches_a_fidelity_ranking_of_its_own(lm, t
     path = ranking_path(lm, "t", "turn", "fidelity")
     assert how == "fidelity" and path.exists() and layers == Ranking.load(path).select(0.4)
     assert not ranking_path(lm, "t", "turn").exists()  # the attention ranking of the same task is another file
+
+
+def test_eval_calibrates_on_several_held_out_items_when_asked(lm, tmp_path):
+    from kvcomm.core.errors import DataError
+    from kvcomm.experiments.share_eval import EvalConfig, run_eval
+
+    cfg = EvalConfig(tasks=("countries",), methods=("kvcomm", "fidelity"), ratios=(0.6,), limit=1, max_new_tokens=3,
+                     layout="turn", calibration_items=2)
+    summary = run_eval(lm, cfg, tmp_path, progress=False)
+    assert summary["calibration_items"] == 2
+    for name in ("countries.json", "countries.fidelity.json"):
+        assert Ranking.load(tmp_path / "rankings" / name).samples == 2
+    with pytest.raises(DataError, match="calibration_items"):  # rows of another calibration are not mixed in
+        run_eval(lm, EvalConfig(**{**cfg.__dict__, "calibration_items": 1}), tmp_path, progress=False)

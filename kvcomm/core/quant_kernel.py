@@ -60,11 +60,19 @@ def available(codes: torch.Tensor, precision: str) -> bool:
     """Whether the kernel can dequantize `codes` here (CUDA, Triton importable, fp8 on sm_89+)."""
     if os.environ.get("KVCOMM_TRITON", "1") == "0" or not codes.is_cuda and not _interpreting():
         return False
-    try:
-        _kernel()
-    except Exception:  # no Triton, or a Triton that cannot compile here: the eager path serves
+    if not _importable():
         return False
     return precision != "fp8" or not codes.is_cuda or torch.cuda.get_device_capability(codes.device) >= (8, 9)
+
+
+@functools.cache
+def _importable() -> bool:
+    """Triton imports and the kernel builds (asked once per process: a failed import is not cached)."""
+    try:
+        _kernel()
+    except Exception:  # no Triton, or one too old for this kernel: the eager path serves
+        return False
+    return True
 
 
 def _interpreting() -> bool:

@@ -181,12 +181,12 @@ def cmd_calibrate(args) -> int:
     path = Path(args.out) if args.out else ranking_path(lm, args.task, args.layout, args.score)
     ranking.save(path)
     out = console()
-    scores = ranking.combined()
     out.print(f"calibrated on {len(samples)} samples; saved to {path}")
     if ranking.score == "fidelity":
         out.print("layers, most needed first: " + " ".join(map(str, ranking.order())))
     else:
-        out.print(f"layer scores S' (α={ranking.alpha:.2f}): " + " ".join(f"{i}:{s:.2f}" for i, s in enumerate(scores.tolist())))
+        scores = ranking.combined().tolist()
+        out.print(f"layer scores S' (α={ranking.alpha:.2f}): " + " ".join(f"{i}:{s:.2f}" for i, s in enumerate(scores)))
     for r in (0.3, 0.5, 0.7):
         out.print(f"ratio {r}: layers {ranking.select(r)}")
     return 0

@@ -20,6 +20,7 @@ takes the eager path. `KVCOMM_TRITON=0` turns it off.
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -82,10 +83,8 @@ def _interpreting() -> bool:
 def dequantize(q, group: int, dtype: torch.dtype) -> torch.Tensor:
     """The tensor `q` (a `quant.Quantized`, effective group length `group`) encodes, in `dtype`."""
     kernel, next_pow2, cdiv = _kernel()
-    *lead, t, d = q.shape
-    rows = t
-    for n in lead:
-        rows *= n
+    t, d = q.shape[-2:]
+    rows = math.prod(q.shape[:-1])
     out = torch.empty(q.shape, dtype=dtype, device=q.codes.device)
     if out.numel() == 0:
         return out

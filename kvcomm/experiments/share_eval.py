@@ -39,7 +39,7 @@ from kvcomm.core.files import write_atomic
 from kvcomm.core.fingerprint import fingerprint
 from kvcomm.core.kv import prefill_flops
 from kvcomm.experiments.metrics import contains, exact_match, match, rouge_l_recall, token_f1
-from kvcomm.experiments.share_report import PLAIN_METHODS, read_results, summarise, write_report
+from kvcomm.experiments.share_report import PLAIN_METHODS, ranking_file, read_results, summarise, write_report
 from kvcomm.experiments.tasks import generate as generate_task
 from kvcomm.sharing import baselines
 from kvcomm.sharing.prompts import DEFAULT_LAYOUT, split_prompt
@@ -128,7 +128,7 @@ def method_names(methods: list[str], ratios: list[float]) -> list[str]:
 def task_ranking(lm, task: str, config: EvalConfig, out: Path, score: str = "attention") -> Ranking:
     """The task's ranking by `score`, calibrated on `config.calibration_items` held-out items (the paper:
     one), saved under out/rankings."""
-    path = out / "rankings" / f"{Path(task).stem}{'' if score == 'attention' else '.' + score}.json"
+    path = ranking_file(out, task, score)
     if path.exists():
         return Ranking.load(path)
     held_out = load_items(task, config.calibration_items, config.seed + 1000)  # a JSONL file: its first items
@@ -290,14 +290,13 @@ def run_eval(lm, config: EvalConfig, out: Path, progress: bool = True) -> dict:
             f.flush()
             done[(row["task"], row["id"], row["method"])] = row
     summary = summarise(list(done.values()), tasks, names)
+    orders = {t: r["fidelity"].order() for t, r in rankings.items() if "fidelity" in r}
     summary.update({"model": lm.name, "limit": c.limit, "seed": c.seed, "ran": len(todo), "resumed": skipped,
                     "answer_prefix": c.answer_prefix, "recalibrate_every": c.recalibrate_every, "layout": c.layout,
                     "span": c.span, "precision": c.precision, "calibration_items": c.calibration_items,
                     "max_new_tokens": c.max_new_tokens,
                     "ac_layer": baselines.ac_layer(lm.num_layers) if c.ac_layer is None else c.ac_layer,
                     "rankings": {t: r["attention"].raw for t, r in rankings.items() if "attention" in r},
-                    **({"fidelity_orders": {t: r["fidelity"].order()
-                                            for t, r in rankings.items() if "fidelity" in r}}
-                       if any("fidelity" in r for r in rankings.values()) else {})})
+                    **({"fidelity_orders": orders} if orders else {})})
     write_report(out, summary)
     return summary

@@ -16,7 +16,7 @@ from kvcomm.core.errors import DataError
 from kvcomm.core.files import write_atomic
 from kvcomm.experiments.metrics import mcnemar_exact
 from kvcomm.sharing.selection import METHODS as RATIO_METHODS
-from kvcomm.sharing.selection import Ranking
+from kvcomm.sharing.selection import Ranking, score_suffix
 
 PLAIN_METHODS = ("baseline", "skyline", "nld", "cipher", "ac-replace", "ac-mean", "ac-sum")
 MEANS = ("contains", "match", "em", "f1", "rouge_l", "capped", "bytes", "sender_flops", "receiver_flops", "ttft_ms",
@@ -117,15 +117,20 @@ def markdown_table(summary: dict) -> str:
             + ", ".join(f"{Path(t).stem} {k}" for t, k in n.items()) + "\n")
 
 
+def ranking_file(out: Path, task: str, score: str = "attention") -> Path:
+    """Where an evaluation run keeps a task's ranking by `score`."""
+    return out / "rankings" / f"{Path(task).stem}{score_suffix(score)}.json"
+
+
 def report(out: Path, tasks: list[str], names: list[str]) -> dict:
     """Summary, table and plot from `results.jsonl` as it stands (a partial run included), no model needed."""
     rows = list(read_results(out / "results.jsonl").values())
     if not rows:
         raise DataError(f"{out / 'results.jsonl'} holds no finished results yet; run without --report-only first")
     summary = summarise(rows, tasks, names)
-    paths = {t: out / "rankings" / f"{Path(t).stem}.json" for t in tasks}
+    paths = {t: ranking_file(out, t) for t in tasks}
     rankings = {t: Ranking.load(p) for t, p in paths.items() if p.exists()}
-    fidelity = {t: out / "rankings" / f"{Path(t).stem}.fidelity.json" for t in tasks}
+    fidelity = {t: ranking_file(out, t, "fidelity") for t in tasks}
     orders = {t: Ranking.load(p).order() for t, p in fidelity.items() if p.exists()}
     counts = [c["n"] for cells in summary["table"].values() for c in cells.values()]
     complete = len(counts) == len(tasks) * len(names) and len(set(counts)) == 1

@@ -168,11 +168,16 @@ def calibrate_fidelity(lm: LoadedModel, samples: list[tuple[str, str]], task: st
 SCORES = ("attention", "fidelity")
 
 
+def score_suffix(score: str) -> str:
+    """The file-name part a ranking's score adds: '' for attention (names from before fidelity existed)."""
+    return "" if score == "attention" else f".{score}"
+
+
 def ranking_path(lm: LoadedModel, task: str, layout: str = DEFAULT_LAYOUT, score: str = "attention") -> Path:
     fp = fingerprint(lm.model, lm.tokenizer)
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in task) or "default"
-    suffix = "" if score == "attention" else f".{score}"
-    return cache_dir() / "rankings" / f"{fp.architecture}-{fp.weights_digest[:12]}" / f"{safe}.{layout}{suffix}.json"
+    return (cache_dir() / "rankings" / f"{fp.architecture}-{fp.weights_digest[:12]}"
+            / f"{safe}.{layout}{score_suffix(score)}.json")
 
 
 def cached_ranking(lm: LoadedModel, task: str, samples: list[tuple[str, str]], progress: bool = False,

@@ -1,4 +1,4 @@
-"""Fast greedy decoding: a preallocated KV cache and a CUDA-graph-captured one-token step.
+"""Fast short forwards: a preallocated KV cache and CUDA-graph-captured steps for decoding and prefill.
 
 Why: eager one-token forwards of a small model are launch-bound (0.5B Qwen2, 24 layers: ~19 ms per
 token in eager transformers on a GPU; the profile in docs/benchmarks.md shows the same for an 8B model).
@@ -17,7 +17,13 @@ input-id buffer and advances the position. One mask per layer (through the `kvco
 function's `kvcomm_layer_masks`) also serves ragged caches from selective sharing; a model with
 another attention function gets one shared mask and uniform caches only.
 
-`graphs=False` runs the same static-cache step eagerly, which is how CPU tests check it.
+Short prefills over a long cache (a KVComm receiver's question, a reused agent's own last tokens) take
+the same static cache: `short_forward` pads the new tokens to a bucket of CHUNK_BUCKETS tokens and replays
+one captured forward per bucket (padding sits after the real tokens, so causal masking keeps it out of
+their attention; its KV lands in slots the next write overwrites), then appends the real tokens' KV to
+the caller's cache, as the eager prefill leaves it.
+
+`graphs=False` runs the same static-cache steps eagerly, which is how CPU tests check them.
 `KVCOMM_FAST_DECODE` picks the path when callers do not: `0` eager everywhere, `static` the
 static cache without graphs on any device, anything else (default) graphs on CUDA and eager elsewhere.
 """
@@ -26,14 +32,17 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 import weakref
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 
 from kvcomm.core.attention import NAME as KVCOMM_ATTENTION
 
 MIN_BUCKET = 256
+CHUNK_BUCKETS = (16, 32, 64, 128)  # new-token counts with a captured prefill; longer prefills stay eager
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (allocator and library initialisation)
 
 
@@ -46,6 +55,11 @@ def bucket(n: int) -> int:
 
     Padding only costs attention over masked slots, small next to reading the weights per token."""
     return max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length())
+
+
+def chunk_bucket(n: int) -> int | None:
+    """The captured prefill length for `n` new tokens (None: too many for a short forward)."""
+    return next((b for b in CHUNK_BUCKETS if n <= b), None)
 
 
 def choose_path(lm, cache, fast: bool | None = None) -> str:
@@ -71,9 +85,8 @@ def unsupported(lm, cache) -> str | None:
     layers = getattr(cache, "layers", None)
     if not layers or len(layers) != lm.num_layers:
         return "not a transformers cache with one layer per model layer"
-    if any(layer.keys is None or layer.keys.dim() != 4 or layer.keys.shape[0] != 1 or layer.keys.shape[-2] == 0
-           for layer in layers):
-        return "a layer is empty or batched"
+    if any(layer.keys is None or layer.keys.dim() != 4 or layer.keys.shape[0] != 1 for layer in layers):
+        return "a layer is uninitialised or batched"
     if len({layer.keys.shape[-2] for layer in layers}) > 1 and lm.model.config._attn_implementation != KVCOMM_ATTENTION:
         return "ragged cache without the kvcomm attention function"
     return _config_reason(lm.model)
@@ -118,6 +131,18 @@ def capture_graph(step, reset=None, warmup: int = WARMUP_STEPS) -> torch.cuda.CU
     return graph
 
 
+@dataclass
+class _Chunk:
+    """Static inputs, masks and output of one captured prefill length."""
+
+    ids: torch.Tensor  # [1, q]
+    pos: torch.Tensor  # [1, q]
+    rows: torch.Tensor  # [1, 1, 1, q, 1]: 0..q-1
+    masks: torch.Tensor  # [layers, 1, 1, q, L]
+    graph: torch.cuda.CUDAGraph | None = None
+    logits: torch.Tensor | None = None
+
+
 class GraphDecoder:
     """Static KV cache, input buffers and (with `graphs`) the captured step of one model.
 
@@ -133,6 +158,7 @@ class GraphDecoder:
         self.lock = threading.Lock()
         self.capacity, self.captures = 0, 0
         self.cache = self.graph = self.logits = None
+        self.chunks: dict[int, _Chunk] = {}  # captured prefills per bucket, valid for the current static cache
         self._layout: tuple | None = None
         self.broken: str | None = None  # set when capture failed; callers then decode eagerly
 
@@ -153,6 +179,7 @@ class GraphDecoder:
         if self.broken:
             raise FastDecodeUnavailable(self.broken)
         self.cache = self.graph = self.logits = None  # free the old bucket before allocating the new one
+        self.chunks = {}
         self.capacity, self._layout = 0, None
         size = bucket(need)
         with torch.inference_mode(False):  # plain tensors: in-place updates work in and out of inference mode
@@ -205,6 +232,72 @@ class GraphDecoder:
         with torch.cuda.device(self.device):
             self.graph = capture_graph(lambda: self._step(model), reset)
         self.captures += 1
+
+    def _chunk(self, model, q: int) -> _Chunk:
+        """Buffers (and, with graphs, the captured forward) of a `q`-token prefill on the current cache."""
+        c = self.chunks.get(q)
+        if c is not None:
+            return c
+        n_layers, dev = len(self.cache.layers), self.device
+        with torch.inference_mode(False):
+            c = _Chunk(ids=torch.zeros(1, q, dtype=torch.long, device=dev),
+                       pos=torch.arange(q, device=dev).view(1, q),
+                       rows=torch.arange(q, device=dev).view(1, 1, 1, q, 1),
+                       masks=torch.zeros(n_layers, 1, 1, q, self.cols.numel(), dtype=self.dtype, device=dev))
+        if self.graphs:
+            def reset() -> None:
+                self.lens.zero_()
+                c.ids.zero_()
+
+            try:
+                with torch.cuda.device(self.device):
+                    c.graph = capture_graph(lambda: self._chunk_step(model, c), reset)
+            except RuntimeError as e:
+                self.cache, self.capacity, self.broken = None, 0, f"CUDA graph capture failed: {str(e).splitlines()[0]}"
+                raise FastDecodeUnavailable(self.broken) from e
+            self.captures += 1
+        self.chunks[q] = c
+        return c
+
+    def _chunk_step(self, model, c: _Chunk) -> None:
+        """q new tokens after each layer's `lens` slots: row j sees slots < lens + j + 1. Idempotent (the
+        write slots come from `lens`, not from the cache's running count), so warm-up runs can repeat it."""
+        for layer, n in zip(self.cache.layers, self.lens):
+            layer.cumulative_length.copy_(n)
+        c.masks.fill_(self.neg)
+        c.masks.masked_fill_(self.cols <= self.lens.view(-1, 1, 1, 1, 1) + c.rows, 0.0)
+        extra = {"kvcomm_layer_masks": c.masks} if self.per_layer else {}
+        out = model(input_ids=c.ids, position_ids=c.pos, attention_mask=c.masks[0],
+                    past_key_values=self.cache, use_cache=True, logits_to_keep=0, **extra)
+        c.logits = out.logits[0]  # [q, vocab]; under a graph a static output, rewritten by every replay
+
+    @torch.no_grad()
+    def prefill(self, cache, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """`kvcomm.core.kv.prefill`'s contract for a short `ids` [1, n] after `cache` (positions from `start`):
+        appends the new tokens' KV to `cache` and returns the last position's logits [1, 1, vocab]."""
+        model = self._model_or_fail()
+        n = ids.shape[1]
+        q = chunk_bucket(n)
+        if q is None:
+            raise ValueError(f"{n} new tokens: short forwards take at most {CHUNK_BUCKETS[-1]}")
+        lens = [layer.keys.shape[-2] for layer in cache.layers]
+        with self.lock, torch.cuda.device(self.device) if self.graphs else nullcontext():
+            self._ensure(model, cache, max(lens) + q)
+            c = self._chunk(model, q)
+            for layer, src, m in zip(self.cache.layers, cache.layers, lens):
+                layer.keys[:, :, :m].copy_(src.keys)
+                layer.values[:, :, :m].copy_(src.values)
+            self.lens.copy_(torch.tensor(lens, dtype=torch.long))
+            c.pos.copy_(torch.arange(start, start + q).view(1, q))
+            c.ids[:, :n].copy_(ids)
+            if c.graph is not None:
+                c.graph.replay()
+            else:
+                self._chunk_step(model, c)
+            logits = c.logits[n - 1].clone().view(1, 1, -1)
+            for i, (layer, m) in enumerate(zip(self.cache.layers, lens)):
+                cache.update(layer.keys[:, :, m : m + n], layer.values[:, :, m : m + n], i)
+        return logits
 
     @torch.no_grad()
     def decode(self, cache, next_logits: torch.Tensor, length: int, max_new_tokens: int, stops,
@@ -262,3 +355,22 @@ def release(lm) -> None:
     """Drop the model's decoders (static cache and graphs) to give their GPU memory back."""
     with _decoders_lock:
         _decoders.pop(lm.model, None)
+
+
+def short_forward(lm, cache, ids: torch.Tensor, start: int, fast: bool | None = None) -> tuple[torch.Tensor, str] | None:
+    """The last position's logits of `ids` [1, n] run after `cache` on the static path, and the path
+    ('static' or 'graph'); None where the eager prefill must run (CPU by default, too many tokens, a
+    cache or model the static path cannot hold, a failed capture). `cache` gains the new tokens' KV."""
+    if chunk_bucket(ids.shape[1]) is None:
+        return None
+    path = choose_path(lm, cache, fast)
+    if path == "eager":
+        return None
+    decoder = decoder_for(lm, graphs=path == "graph")
+    if decoder.broken is not None:
+        return None
+    try:
+        return decoder.prefill(cache, ids, start), path
+    except FastDecodeUnavailable as e:
+        warnings.warn(f"kvcomm: fast prefill off for this model ({e}); prefilling eagerly", stacklevel=2)
+        return None

@@ -7,7 +7,12 @@
                  reuse paths, the text baselines and the benchmarks all call it.
   prefill_flops  analytic FLOPs of one prefill (the evaluation's and benchmark's cost column)
 
-Masking rule, in one place: from position 0, or one new token over a cache whose layers all hold
+Short prefills over a cache (at most `fast_decode.CHUNK_BUCKETS[-1]` new tokens: a receiver's question,
+a reused agent's last tokens) run on the static, graph-captured path of `kvcomm.core.fast_decode` where
+it applies (CUDA by default; `KVCOMM_FAST_DECODE` and `fast=` as for decoding) and give the same logits
+and cache; `last_prefill_path()` says which path the calling thread's last prefill took.
+
+Masking rule (eager path), in one place: from position 0, or one new token over a cache whose layers all hold
 the same length, plain causal attention is right, so no mask is passed and SDPA may take its flash
 kernel. Otherwise (several new tokens after a past, or a ragged cache as selective sharing builds)
 an explicit 4-D mask sized for the longest layer; the `kvcomm` attention function right-aligns it
@@ -16,10 +21,12 @@ per layer (`kvcomm.core.attention`).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
 
+from kvcomm.core import fast_decode
 from kvcomm.core.attention import ImportanceRecorder, causal_mask
 from kvcomm.core.rope import rerotate
 
@@ -90,9 +97,18 @@ def cache_length(cache) -> tuple[int, bool]:
     return max(lengths), len(lengths) > 1
 
 
+_last = threading.local()
+
+
+def last_prefill_path() -> str | None:
+    """Which path this thread's last `prefill` took: 'eager', 'static' or 'graph'."""
+    return getattr(_last, "path", None)
+
+
 @torch.no_grad()
 def prefill(lm, ids=None, past=None, *, embeds: torch.Tensor | None = None,
-            start: int | None = None, recorder: ImportanceRecorder | None = None, all_logits: bool = False):
+            start: int | None = None, recorder: ImportanceRecorder | None = None, all_logits: bool = False,
+            fast: bool | None = None):
     """Run new tokens after `past` and return (logits, cache, past_len).
 
     `ids` are token ids, or pass `embeds` [1, n, d] instead (CIPHER, AC). `past` is a KVBlock, a
@@ -101,6 +117,8 @@ def prefill(lm, ids=None, past=None, *, embeds: torch.Tensor | None = None,
     whose layers overlap nowhere still place the receiver after all of them). `logits` are [1, n, vocab] with
     `all_logits` or a `recorder` (which needs every query's attention), else [1, 1, vocab]: the last
     position only. The returned cache holds past + new tokens (it is `past` itself when a cache was given).
+    `fast`: None follows `KVCOMM_FAST_DECODE` for short prefills after a past, False forces eager, True
+    asks for the static path (graphs on CUDA).
     """
     cache = block_to_cache(lm, past) if past is None or isinstance(past, KVBlock) else past
     p, ragged = cache_length(cache)
@@ -111,6 +129,12 @@ def prefill(lm, ids=None, past=None, *, embeds: torch.Tensor | None = None,
         n = ids.shape[1]
     else:
         n = embeds.shape[1]
+    if p > 0 and embeds is None and recorder is None and not all_logits and fast is not False:
+        short = fast_decode.short_forward(lm, cache, ids, p, fast)
+        if short is not None:
+            _last.path = short[1]
+            return short[0], cache, p
+    _last.path = "eager"
     mask = None if p == 0 or (n == 1 and not ragged) else causal_mask(p, 0, n, lm.dtype, lm.device)
     kwargs = {"kvcomm_recorder": recorder} if recorder is not None else {}
     out = lm.model(input_ids=ids if embeds is None else None, inputs_embeds=embeds, past_key_values=cache,

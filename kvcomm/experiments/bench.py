@@ -35,7 +35,7 @@ from rich.table import Table
 
 from kvcomm.core.files import write_atomic
 from kvcomm.core.generation import greedy_continue, sync
-from kvcomm.core.kv import prefill, prefill_flops
+from kvcomm.core.kv import last_prefill_path, prefill, prefill_flops
 from kvcomm.core.message import encode
 from kvcomm.experiments.bench_models import (
     PRESETS,
@@ -69,7 +69,7 @@ def bench_reuse(lm, n_agents: int, prefix: int, user: int, reply: int, anchors: 
         for k, agent in enumerate(templates):
             contents = {"user_question": question, **{f"agent_{j}_current": replies[j] for j in range(k)}}
             res = engine.call(agent, contents, request=seed)
-            rows.append((res.ttft_s * 1e3, res.path, res.prompt_tokens, res.prefilled_tokens))
+            rows.append((res.ttft_s * 1e3, res.path, res.prompt_tokens, res.prefilled_tokens, last_prefill_path()))
         engine.pool.commit(seed) if record else engine.pool.discard(seed)
         return rows
 
@@ -88,7 +88,7 @@ def bench_reuse(lm, n_agents: int, prefix: int, user: int, reply: int, anchors: 
             ttfts = [m[k][0] for m in measured]
             per_agent.append({"agent": k + 1, "ttft_ms": statistics.median(ttfts), "ttft_ms_all": ttfts,
                               "path": measured[-1][k][1], "prompt_tokens": measured[-1][k][2],
-                              "prefilled_tokens": measured[-1][k][3]})
+                              "prefilled_tokens": measured[-1][k][3], "prefill_path": measured[-1][k][4]})
         out[setting] = {"per_agent": per_agent, "pool_bytes": pool.nbytes, "pool_anchors": pool.stats().anchors}
         if progress:
             progress(setting)
@@ -141,6 +141,8 @@ def _sharing_row(lm, ctx, q, summ, ratios, repeats) -> dict:
     for r in ratios:
         msg = full.select(layers_for("contiguous", r, lm.num_layers))
         row[f"kvcomm_{r}_ms"] = _timed(lm, lambda m=msg: receive_prefill(lm, q, [m]), repeats)
+        row["receiver_path"] = last_prefill_path()
+        row[f"eager_kvcomm_{r}_ms"] = _timed(lm, lambda m=msg: receive_prefill(lm, q, [m], fast=False), repeats)
         row[f"kvcomm_{r}_bytes"] = len(encode(msg.to("cpu")))
         row[f"kvcomm_{r}_bytes_per_token"] = msg.payload_bytes / n
         row[f"kvcomm_{r}_layers"] = len(msg.layers)
@@ -181,6 +183,8 @@ def plot(report: dict, path: Path) -> None:
     axes[1].plot(xs, [r["nld_sender_ms"] + r["nld_receiver_ms"] for r in rows], marker="o", label="NLD (summary + receiver)")
     for key in [k for k in rows[0] if k.startswith("kvcomm_") and k.endswith("_ms")]:
         axes[1].plot(xs, [r[key] for r in rows], marker="o", label=f"KVComm {key.split('_')[1]} (receiver)")
+        if "eager_" + key in rows[0]:
+            axes[1].plot(xs, [r["eager_" + key] for r in rows], ls="--", alpha=0.6, label=f"KVComm {key.split('_')[1]}, eager")
     axes[1].set(xscale="log", yscale="log", xlabel="context tokens", ylabel="median time (ms)", title="sharing: receiver TTFT")
     axes[1].legend(fontsize=8)
     axes[1].grid(alpha=0.3)
@@ -302,13 +306,13 @@ def _print_sharing(console, sharing: dict) -> None:
     rows = sharing["rows"]
     t = Table(title="sharing: receiver TTFT (ms) and bytes per context token")
     for col in ("context", "Skyline", "NLD send+recv", *[k.split("_")[1] for k in rows[0] if k.startswith("kvcomm_") and k.endswith("_ms")],
-                "bytes/token @0.3/0.5/0.7/all"):
+                "eager receiver", "bytes/token @0.3/0.5/0.7/all"):
         t.add_column(col)
     for r in rows:
         ks = [k for k in r if k.startswith("kvcomm_") and k.endswith("_ms")]
         bpt = "/".join(f"{r[k.replace('_ms', '_bytes_per_token')]:.0f}" for k in ks) + f"/{r['all_layers_bytes_per_token']:.0f}"
         t.add_row(str(r["context_tokens"]), f"{r['skyline_ms']:.1f}", f"{r['nld_sender_ms']:.0f}+{r['nld_receiver_ms']:.1f}",
-                  *[f"{r[k]:.1f}" for k in ks], bpt)
+                  *[f"{r[k]:.1f}" for k in ks], "/".join(f"{r['eager_' + k]:.1f}" for k in ks if "eager_" + k in r), bpt)
     console.print(t)
 
 

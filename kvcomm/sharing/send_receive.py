@@ -69,8 +69,8 @@ def build_prefix_cache(lm: LoadedModel, messages: list[KVMessage]):
     empty = torch.empty(1, kv_heads, 0, head_dim, device=lm.device, dtype=lm.dtype)
     for layer in range(n):
         parts = per_layer[layer]
-        k = torch.cat([p[0] for p in parts], dim=-2) if parts else empty
-        v = torch.cat([p[1] for p in parts], dim=-2) if parts else empty
+        k = (parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts], dim=-2)) if parts else empty
+        v = (parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts], dim=-2)) if parts else empty
         cache.update(k, v, layer)
     return cache, offset
 
@@ -87,10 +87,11 @@ class Generation:
 
 
 def receive_prefill(lm: LoadedModel, ids, messages: list[KVMessage] | None = None,
-                    recorder: ImportanceRecorder | None = None, all_logits: bool = False):
-    """Run the receiver's prompt over the prefix built from `messages`; return (logits, cache, prefix_len)."""
+                    recorder: ImportanceRecorder | None = None, all_logits: bool = False, fast: bool | None = None):
+    """Run the receiver's prompt over the prefix built from `messages`; return (logits, cache, prefix_len).
+    A short prompt runs on the graph-captured path on CUDA (`kvcomm.core.kv.prefill`; `fast` as there)."""
     cache, prefix = build_prefix_cache(lm, messages or [])
-    return prefill(lm, ids, cache, start=prefix, recorder=recorder, all_logits=all_logits)
+    return prefill(lm, ids, cache, start=prefix, recorder=recorder, all_logits=all_logits, fast=fast)
 
 
 @torch.no_grad()

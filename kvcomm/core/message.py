@@ -53,7 +53,7 @@ from kvcomm.core.quant import (
     PRECISIONS,
     QUANTIZED,
     Quantized,
-    dequantize,
+    dequantize_checked,
     part_shapes,
     precision_of,
     quantize,
@@ -211,43 +211,51 @@ def _expected_tensors(layers, precision: str, g: int, shape: list[int]) -> dict[
     return expected
 
 
-def _first_bad(ok: torch.Tensor, layers: list[int]) -> int | None:
-    """The first layer whose check failed (`ok` holds one bool per layer), or None: one device sync."""
-    bad = (~ok).nonzero()
-    return None if bad.numel() == 0 else layers[int(bad[0])]
+def _raise_first(checks: list[tuple[torch.Tensor, type, str]], layers: list[int]) -> None:
+    """Raise the first failed check, in list order: each is (bad, error class, message with {layer}), `bad`
+    one bool per layer on the device. All checks reach the host in one sync."""
+    if not checks:
+        return
+    bad = torch.stack([b for b, _, _ in checks]).cpu()
+    for row, (_, error, text) in zip(bad, checks):
+        if row.any():
+            raise error(text.format(layer=layers[int(row.nonzero()[0])]))
 
 
 def layer_tensors(tensors, kind: str, layers: list[int], precision: str, g: int, shape, dtype, device) -> list[torch.Tensor]:
-    """All layers' key (or value) tensors: scales checked, moved to `device`, dequantized into `dtype`
-    in one batched pass over the stacked layers (a handful of kernels, not a handful per layer), finite.
-    Each check runs over every layer at once and names the first layer that fails it."""
+    """All layers' key (or value) tensors: moved to `device`, dequantized into `dtype` in one batched
+    pass over the stacked layers (one fused kernel on a GPU), scales and values checked. Every check
+    runs over all layers at once, on the device, and all of them reach the host in one sync, which
+    names the first layer that fails; nothing is returned before that."""
     def stack(fmt: str) -> torch.Tensor:
         return torch.stack([tensors[fmt.format(kind=kind, layer=layer)].to(device) for layer in layers])
 
+    checks = []
     if precision in DENSE:
         x = stack("{kind}.{layer}").to(dtype)
     else:
         scale = stack("{kind}_scale.{layer}")
         zero = stack("{kind}_zero.{layer}") if f"{kind}_zero.{layers[0]}" in tensors else None
         per_layer = scale.flatten(1)
-        if (layer := _first_bad(torch.isfinite(per_layer).all(1), layers)) is not None:
-            raise NonFiniteError(f"scale tensor {kind}_scale.{layer} holds NaN or Inf; the sender's file is broken")
-        if (layer := _first_bad((per_layer > 0).all(1), layers)) is not None:
-            raise CorruptMessageError(f"scale tensor {kind}_scale.{layer} holds zero or negative scales (corrupt file)")
-        if zero is not None and (layer := _first_bad(torch.isfinite(zero.flatten(1)).all(1), layers)) is not None:
-            raise NonFiniteError(f"zero-point tensor {kind}_zero.{layer} holds NaN or Inf; the sender's file is broken")
+        checks += [(~torch.isfinite(per_layer).all(1), NonFiniteError,
+                    f"scale tensor {kind}_scale.{{layer}} holds NaN or Inf; the sender's file is broken"),
+                   (~(per_layer > 0).all(1), CorruptMessageError,
+                    f"scale tensor {kind}_scale.{{layer}} holds zero or negative scales (corrupt file)")]
+        if zero is not None:
+            checks.append((~torch.isfinite(zero.flatten(1)).all(1), NonFiniteError,
+                           f"zero-point tensor {kind}_zero.{{layer}} holds NaN or Inf; the sender's file is broken"))
         codes = stack("{kind}.{layer}")
-        if precision == "fp8":  # e4m3fn's only non-finite codes are NaN: S.1111.111
-            nan = ((codes.view(torch.uint8) & 0x7F) == 0x7F).flatten(1).any(1)
-            if (layer := _first_bad(~nan, layers)) is not None:
-                raise NonFiniteError(f"layer {layer} of the message holds NaN values; the sender's model or file is broken")
-        x = dequantize(Quantized(precision, g, _KV_AXIS[kind], (len(layers), *shape), codes, scale, zero), dtype)
-    # Quantized codes are finite and bounded (|q| <= 448) and the scales and zero points were just checked
+        # fp8 codes can encode NaN; the fused kernel flags those layers while it reads them
+        x, nan = dequantize_checked(Quantized(precision, g, _KV_AXIS[kind], (len(layers), *shape), codes, scale, zero), dtype)
+        if precision == "fp8":
+            checks.append((nan, NonFiniteError, "layer {layer} of the message holds NaN values; the sender's model or file is broken"))
+    # Quantized codes are finite and bounded (|q| <= 448) and the scales and zero points are checked
     # finite, so their products (<= 449 * 65504) are finite in bf16/fp32 and this full pass is skipped;
     # fp16 can overflow, so it (and dense tensors) is checked
-    bounded = precision in QUANTIZED and dtype in (torch.bfloat16, torch.float32)
-    if not bounded and (layer := _first_bad(torch.isfinite(x.flatten(1)).all(1), layers)) is not None:
-        raise NonFiniteError(f"layer {layer} of the message holds NaN or Inf values; the sender's model or file is broken")
+    if not (precision in QUANTIZED and dtype in (torch.bfloat16, torch.float32)):
+        checks.append((~torch.isfinite(x.flatten(1)).all(1), NonFiniteError,
+                       "layer {layer} of the message holds NaN or Inf values; the sender's model or file is broken"))
+    _raise_first(checks, layers)
     return list(x.unbind(0))
 
 

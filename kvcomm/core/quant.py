@@ -268,10 +268,35 @@ def dequantize(q: Quantized, dtype: torch.dtype = torch.float32) -> torch.Tensor
     whose codes do not promote). A partial last group takes a second pass. On a GPU with Triton, one
     fused kernel does it all (`kvcomm.core.quant_kernel`). An odd head_dim with int4, or
     an odd channel-axis group, takes the reference path (`_dequantize_reference`)."""
-    d = q.shape[-1]
     g = _span(q.shape, q.group_size, q.axis)[2]
     if quant_kernel.available(q.codes, q.precision):  # one fused Triton kernel on a GPU
         return quant_kernel.dequantize(q, g, dtype)
+    return _dequantize_eager(q, dtype, q.shape[-1], g)
+
+
+def nan_codes(q: Quantized) -> torch.Tensor:
+    """Per index of q's first dimension, whether its codes hold a NaN (fp8 e4m3fn: S.1111.111; integer
+    codes never do). A device tensor: no host sync."""
+    if q.precision != "fp8" or q.codes.numel() == 0:
+        return torch.zeros(q.shape[0], dtype=torch.bool, device=q.codes.device)
+    return ((q.codes.view(torch.uint8) & 0x7F) == 0x7F).flatten(1).any(1)
+
+
+@torch.no_grad()
+def dequantize_checked(q: Quantized, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """`dequantize`, and `nan_codes(q)` beside it: the fused kernel finds NaN codes while it reads them,
+    other paths take one pass over the codes. Neither syncs with the host."""
+    d = q.shape[-1]
+    g = _span(q.shape, q.group_size, q.axis)[2]
+    if quant_kernel.available(q.codes, q.precision):  # one fused Triton kernel on a GPU
+        if q.precision != "fp8" or not q.shape[0]:
+            return quant_kernel.dequantize(q, g, dtype), nan_codes(q)
+        flags = torch.zeros(q.shape[0], dtype=torch.int32, device=q.codes.device)
+        return quant_kernel.dequantize(q, g, dtype, nan_flags=flags), flags != 0
+    return _dequantize_eager(q, dtype, d, g), nan_codes(q)
+
+
+def _dequantize_eager(q: Quantized, dtype: torch.dtype, d: int, g: int) -> torch.Tensor:
     if q.precision == "int4" and (d % 2 or (q.axis == "channel" and g % 2)):
         return _dequantize_reference(q, dtype)
     codes = q.codes.to(dtype) if q.precision == "fp8" else q.codes

@@ -179,6 +179,38 @@ def test_triton_kernel_matches_the_reference_definition():
                         assert ((y.float() - ref.float()).abs() <= tol * ref.float().abs() + 1e-6).all(), (precision, axis, t, d, g)
 
 
+def _nan_fp8(layers: int, bad: set[int], device="cpu"):
+    """fp8 codes of `layers` leading slices; slices in `bad` get one NaN code (S.1111.111) somewhere."""
+    x = torch.randn(layers, 2, 70, 24, generator=torch.Generator().manual_seed(4))
+    q = quantize(x.to(device), "fp8", 16, "channel")
+    raw = q.codes.view(torch.uint8)
+    for i, layer in enumerate(sorted(bad)):
+        raw[layer, i % 2, (13 * (i + 1)) % 70, 5 + i] = 0x7F | (0x80 * (i % 2))
+    return q
+
+
+def test_nan_codes_are_flagged_per_leading_slice():
+    from kvcomm.core.quant import dequantize_checked, nan_codes
+
+    q = _nan_fp8(5, {1, 4})
+    x, nan = dequantize_checked(q, torch.bfloat16)
+    assert nan.tolist() == nan_codes(q).tolist() == [False, True, False, False, True]
+    assert torch.isnan(x[1]).any() and torch.isfinite(x[0]).all()
+    assert not dequantize_checked(quantize(torch.randn(3, 8, 16), "int8", 16, "token"))[1].any()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_triton_kernel_flags_nan_codes():
+    from kvcomm.core import quant_kernel
+    from kvcomm.core.quant import dequantize_checked, nan_codes
+
+    if not quant_kernel.available(torch.zeros(1, device="cuda"), "fp8"):
+        pytest.skip("no Triton fp8 on this machine")
+    for bad in (set(), {0}, {2, 5}, {0, 1, 2, 3, 4, 5}):
+        q = _nan_fp8(6, bad, "cuda")
+        assert dequantize_checked(q, torch.bfloat16)[1].cpu().tolist() == nan_codes(q).cpu().tolist() == [i in bad for i in range(6)]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_matches_cpu():
     """Dequantization of the same codes agrees on both devices (the GPU may take the Triton kernel, whose

@@ -11,7 +11,15 @@ Registered through transformers' public `AttentionInterface` (no monkey-patching
    ordinary call) this is exactly SDPA.
    A static cache (`kvcomm.core.fast_decode`) instead passes `kvcomm_layer_masks`, one mask per
    layer over the same preallocated key slots, which each layer picks by its index.
-2. **Attention-importance recording** (KVComm Eq. 1). When a `kvcomm_recorder` is passed to the model
+2. **Grouped-query attention with a mask, without copying keys.** transformers repeats every key and
+   value head for the query heads that share it (`repeat_kv`) whenever a mask is passed, a copy of the
+   whole cache per layer and call; over a static cache of L slots that copy dominates a short forward
+   (measured on an H100, random-weight Llama-3.1-8B, 4K context: 96 copies of 53 us in one receiver
+   prefill). Here the query heads of a group are folded into the query-length axis instead, so each
+   key head is read once: query [B, Hkv·r, q, d] -> [B, Hkv, r·q, d], the mask rows tiled r times, and the
+   output unfolded. Exact (the same scores and softmax rows); calls without a mask keep transformers'
+   path (SDPA's own GQA support).
+3. **Attention-importance recording** (KVComm Eq. 1). When a `kvcomm_recorder` is passed to the model
    call, each layer also computes its softmax attention weights and adds the mass that the query
    tokens put on the first `recorder.context_len` key columns (the sender's context), averaged over
    heads and queries.
@@ -66,7 +74,25 @@ def kvcomm_attention(module, query, key, value, attention_mask, scaling=None, **
         attention_mask = realign(attention_mask[..., -key.shape[-2] :])
     if recorder is not None:
         recorder.add(module.layer_idx, query, key, attention_mask, scaling if scaling is not None else query.shape[-1] ** -0.5)
+    n_rep = query.shape[1] // key.shape[1]
+    if (attention_mask is not None and attention_mask.dtype != torch.bool and n_rep > 1 and query.shape[0] == 1
+            and attention_mask.shape[:2] == (1, 1) and not kwargs.get("dropout") and kwargs.get("softcap") is None
+            and kwargs.get("position_bias") is None):
+        return folded_gqa_attention(query, key, value, attention_mask, scaling, n_rep), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+
+def folded_gqa_attention(query, key, value, mask, scaling, n_rep: int) -> torch.Tensor:
+    """SDPA for grouped-query attention with an additive mask [1, 1, q, keys], keys read once per key head.
+
+    query [1, Hkv·r, q, d] is viewed as [1, Hkv, r·q, d] (query head h = g·r + j sits in group g, rows
+    j·q..j·q+q-1), the mask's rows are tiled r times to match, and the output [1, Hkv, r·q, dv] is unfolded
+    to transformers' layout [1, q, Hkv·r, dv]."""
+    b, h, q, d = query.shape
+    folded = query.reshape(b, h // n_rep, n_rep * q, d)
+    tiled = mask if mask.shape[-2] == 1 else realign(mask.repeat(1, 1, n_rep, 1))  # one row broadcasts as it is
+    out = torch.nn.functional.scaled_dot_product_attention(folded, key, value, attn_mask=tiled, scale=scaling)
+    return out.reshape(b, h, q, value.shape[-1]).transpose(1, 2).contiguous()
 
 
 def register() -> None:

@@ -18,7 +18,7 @@ function's `kvcomm_layer_masks`) also serves ragged caches from selective sharin
 another attention function gets one shared mask and uniform caches only.
 
 Short prefills over a long cache (a KVComm receiver's question, a reused agent's own last tokens) take
-the same static cache: `short_forward` pads the new tokens to a bucket of CHUNK_BUCKETS tokens and replays
+the same static cache (`kvcomm.core.fast_prefill` decides when): `GraphDecoder.prefill` pads the new tokens to a bucket of CHUNK_BUCKETS tokens and replays
 one captured forward per bucket (padding sits after the real tokens, so causal masking keeps it out of
 their attention; its KV lands in slots the next write overwrites), then appends the real tokens' KV to
 the caller's cache, as the eager prefill leaves it.
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import os
 import threading
-import warnings
 import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -110,24 +109,31 @@ def _config_reason(model) -> str | None:
     return _config_reasons[model]
 
 
+# Held while a graph is captured. A device-wide synchronize from another thread during a capture fails
+# and invalidates it (seen on an H100: agents with 8 worker threads timing their calls), so
+# `kvcomm.core.generation.sync` takes this lock too.
+capture_lock = threading.Lock()
+
+
 def capture_graph(step, reset=None, warmup: int = WARMUP_STEPS) -> torch.cuda.CUDAGraph:
     """A CUDA graph of `step()` (device work only): `warmup` eager runs on a side stream (lazy kernel
     and allocator set-up must not happen under capture), `reset()` before the warm-up and again before
     the capture, then the capture in thread-local mode, since other threads may run eager work on the
     same GPU meanwhile. Decoding (`GraphDecoder`) and batched decoding (`batch_decode`) both use it."""
-    if reset is not None:
-        reset()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
+    with capture_lock:
+        if reset is not None:
+            reset()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        if reset is not None:
+            reset()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             step()
-    torch.cuda.current_stream().wait_stream(stream)
-    if reset is not None:
-        reset()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        step()
     return graph
 
 
@@ -355,22 +361,3 @@ def release(lm) -> None:
     """Drop the model's decoders (static cache and graphs) to give their GPU memory back."""
     with _decoders_lock:
         _decoders.pop(lm.model, None)
-
-
-def short_forward(lm, cache, ids: torch.Tensor, start: int, fast: bool | None = None) -> tuple[torch.Tensor, str] | None:
-    """The last position's logits of `ids` [1, n] run after `cache` on the static path, and the path
-    ('static' or 'graph'); None where the eager prefill must run (CPU by default, too many tokens, a
-    cache or model the static path cannot hold, a failed capture). `cache` gains the new tokens' KV."""
-    if chunk_bucket(ids.shape[1]) is None:
-        return None
-    path = choose_path(lm, cache, fast)
-    if path == "eager":
-        return None
-    decoder = decoder_for(lm, graphs=path == "graph")
-    if decoder.broken is not None:
-        return None
-    try:
-        return decoder.prefill(cache, ids, start), path
-    except FastDecodeUnavailable as e:
-        warnings.warn(f"kvcomm: fast prefill off for this model ({e}); prefilling eagerly", stacklevel=2)
-        return None

@@ -29,7 +29,8 @@ def last_path() -> str | None:
 def sync(device: torch.device) -> None:
     """Wait for queued GPU work, so wall-clock timings measure it (no-op on CPU)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        with fast_decode.capture_lock:  # never while another thread captures a graph (that would break it)
+            torch.cuda.synchronize(device)
 
 
 def stop_ids(lm) -> list[int]:

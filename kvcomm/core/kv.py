@@ -8,7 +8,7 @@
   prefill_flops  analytic FLOPs of one prefill (the evaluation's and benchmark's cost column)
 
 Short prefills over a cache (at most `fast_decode.CHUNK_BUCKETS[-1]` new tokens: a receiver's question,
-a reused agent's last tokens) run on the static, graph-captured path of `kvcomm.core.fast_decode` where
+a reused agent's last tokens) run on the static, graph-captured path of `kvcomm.core.fast_prefill` where
 it applies (CUDA by default; `KVCOMM_FAST_DECODE` and `fast=` as for decoding) and give the same logits
 and cache; `last_prefill_path()` says which path the calling thread's last prefill took.
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcomm.core import fast_decode
+from kvcomm.core import fast_prefill
 from kvcomm.core.attention import ImportanceRecorder, causal_mask
 from kvcomm.core.rope import rerotate
 
@@ -130,7 +130,7 @@ def prefill(lm, ids=None, past=None, *, embeds: torch.Tensor | None = None,
     else:
         n = embeds.shape[1]
     if p > 0 and embeds is None and recorder is None and not all_logits and fast is not False:
-        short = fast_decode.short_forward(lm, cache, ids, p, fast)
+        short = fast_prefill.short_forward(lm, cache, ids, p, fast)
         if short is not None:
             _last.path = short[1]
             return short[0], cache, p

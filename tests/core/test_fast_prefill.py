@@ -1,4 +1,4 @@
-"""Short prefills on the static path (kvcomm.core.fast_decode.short_forward) against the eager prefill.
+"""Short prefills on the static path (kvcomm.core.fast_prefill.short_forward) against the eager prefill.
 
 On CPU the static cache runs without graphs (the same step the graph captures); the CUDA tests check
 the captured graphs. Covered: uniform caches (a reused agent's last tokens), ragged caches with empty
@@ -12,7 +12,7 @@ import torch
 from conftest import make_tiny, rand_ids
 from test_fast_decode import assert_same_cache
 
-from kvcomm.core import fast_decode
+from kvcomm.core import fast_decode, fast_prefill
 from kvcomm.core.generation import greedy_continue
 from kvcomm.core.kv import last_prefill_path, prefill
 
@@ -101,6 +101,17 @@ def test_eager_where_the_static_path_does_not_apply(tiny, monkeypatch):
         assert last_prefill_path() == "eager"
 
 
+def test_eager_when_the_static_bucket_is_too_large(tiny, monkeypatch):
+    """Above MAX_SHORT_FORWARD_BYTES of static KV (the bucket, every layer) the eager prefill is cheaper."""
+    _, past, _ = prefill(tiny, rand_ids(20, seed=9))
+    need = fast_prefill.static_bytes(past, 16)
+    assert need == 256 * 4 * 2 * (16 + 16) * 4  # 256 slots x 4 layers x 2 heads x (k + v dims) x fp32
+    monkeypatch.setattr(fast_prefill, "MAX_SHORT_FORWARD_BYTES", need - 1)
+    assert both(tiny, past, rand_ids(4, seed=1))[1][2] == "eager"
+    monkeypatch.setattr(fast_prefill, "MAX_SHORT_FORWARD_BYTES", need)
+    assert both(tiny, past, rand_ids(4, seed=1))[1][2] == "static"
+
+
 def on_cuda(arch, dtype):
     lm = make_tiny(arch, dtype=dtype)
     lm.model.to("cuda")
@@ -123,3 +134,37 @@ def test_cuda_graph_prefill_matches_eager(arch):
     captures = dec.captures
     both(lm, clone(sender), rand_ids(25, seed=1), fast=None)  # same bucket (32): replayed, not recaptured
     assert dec.captures == captures
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_threads_capture_and_time_at_once():
+    """Worker threads that time their calls (device-wide syncs) while others capture graphs: no capture
+    breaks (agents with 8 threads broke them before `capture_lock`), and each gets the eager result."""
+    import threading
+
+    from kvcomm.core.generation import sync
+
+    lm = on_cuda("qwen2", torch.float32)
+    _, sender, _ = prefill(lm, rand_ids(200, seed=3))
+    queries = [rand_ids(n, seed=n) for n in (5, 20, 40, 90, 7, 33)]
+    expected = [both(lm, sender, q, fast=False)[0][0] for q in queries]
+    got, errors = {}, []
+
+    def work(k):
+        try:
+            for _ in range(3):
+                sync(lm.device)
+                logits, _, _ = prefill(lm, queries[k], clone(sender), fast=None)
+                sync(lm.device)
+            got[k] = logits
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(queries))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for k, ref in enumerate(expected):
+        torch.testing.assert_close(got[k], ref, atol=1e-3, rtol=1e-3)

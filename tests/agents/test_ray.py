@@ -106,6 +106,21 @@ def test_an_agent_killed_mid_call_is_restarted_and_the_answers_do_not_change(tin
     assert calls(got) == calls(run_local(tiny_dir, wl.items))
 
 
+def wait_dead(actor, timeout: float = 60.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.stats.remote(), timeout=10)
+        except ray.exceptions.RayActorError:  # ActorDiedError: gone for good
+            return
+        except ray.exceptions.GetTimeoutError:
+            continue
+        time.sleep(0.05)
+    raise AssertionError("the killed actor still answers")
+
+
 def test_losing_the_pool_falls_back_to_dense_never_to_wrong_reuse(tiny_dir, cluster):
     wl = workload()
     engine = RayEngine(str(tiny_dir), "reuse", ReuseConfig(max_new_tokens=4))
@@ -113,6 +128,7 @@ def test_losing_the_pool_falls_back_to_dense_never_to_wrong_reuse(tiny_dir, clus
         remote = MultiAgentRunner(engine, wl, 3, "fully_connected")
         first = [remote.run_item(it) for it in wl.items[:2]]
         ray.kill(engine.pool_actor, no_restart=True)  # the pool holder dies between requests
+        wait_dead(engine.pool_actor)  # ray.kill is asynchronous: a call sent at once may still be served
         rest = [remote.run_item(it) for it in wl.items]
     finally:
         engine.shutdown()

@@ -297,6 +297,7 @@ def dequantize_checked(q: Quantized, dtype: torch.dtype = torch.float32) -> tupl
 
 
 def _dequantize_eager(q: Quantized, dtype: torch.dtype, d: int, g: int) -> torch.Tensor:
+    """`dequantize` without Triton (CPU, or no kernel for this case); `g` the effective group length."""
     if q.precision == "int4" and (d % 2 or (q.axis == "channel" and g % 2)):
         return _dequantize_reference(q, dtype)
     codes = q.codes.to(dtype) if q.precision == "fp8" else q.codes

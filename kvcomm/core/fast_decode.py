@@ -205,8 +205,7 @@ class GraphDecoder:
             try:
                 self._capture(model)
             except RuntimeError as e:  # an op that cannot be captured: eager from now on, said once
-                self.cache, self.broken = None, f"CUDA graph capture failed: {str(e).splitlines()[0]}"
-                raise FastDecodeUnavailable(self.broken) from e
+                raise self._capture_failed(e) from e
         self.capacity, self._layout = size, layout
 
     def _step(self, model) -> None:
@@ -220,6 +219,23 @@ class GraphDecoder:
         self.ids.copy_(self.logits.argmax().view(1, 1))
         self.pos.add_(1)
         self.lens.add_(1)
+
+    def _capture_failed(self, e: RuntimeError) -> FastDecodeUnavailable:
+        """Drop the static cache and mark this decoder broken: its callers run eagerly from now on."""
+        self.cache, self.capacity, self.broken = None, 0, f"CUDA graph capture failed: {str(e).splitlines()[0]}"
+        return FastDecodeUnavailable(self.broken)
+
+    def _copy_in(self, cache) -> None:
+        """The caller's cache into the first slots of each static layer (in place: graphs read fixed addresses)."""
+        for layer, src in zip(self.cache.layers, cache.layers):
+            n = src.keys.shape[-2]
+            layer.keys[:, :, :n].copy_(src.keys)
+            layer.values[:, :, :n].copy_(src.values)
+
+    def _append_to(self, cache, lens: list[int], k: int) -> None:
+        """Static slots lens..lens+k of each layer appended to the caller's cache, once per layer."""
+        for i, (layer, n) in enumerate(zip(self.cache.layers, lens)):
+            cache.update(layer.keys[:, :, n : n + k], layer.values[:, :, n : n + k], i)
 
     def _set_state(self, lens: list[int], position: int) -> None:
         for layer, n in zip(self.cache.layers, lens):
@@ -259,8 +275,7 @@ class GraphDecoder:
                 with torch.cuda.device(self.device):
                     c.graph = capture_graph(lambda: self._chunk_step(model, c), reset)
             except RuntimeError as e:
-                self.cache, self.capacity, self.broken = None, 0, f"CUDA graph capture failed: {str(e).splitlines()[0]}"
-                raise FastDecodeUnavailable(self.broken) from e
+                raise self._capture_failed(e) from e
             self.captures += 1
         self.chunks[q] = c
         return c
@@ -290,9 +305,7 @@ class GraphDecoder:
         with self.lock, torch.cuda.device(self.device) if self.graphs else nullcontext():
             self._ensure(model, cache, max(lens) + q)
             c = self._chunk(model, q)
-            for layer, src, m in zip(self.cache.layers, cache.layers, lens):
-                layer.keys[:, :, :m].copy_(src.keys)
-                layer.values[:, :, :m].copy_(src.values)
+            self._copy_in(cache)
             self.lens.copy_(torch.tensor(lens, dtype=torch.long))
             c.pos.copy_(torch.arange(start, start + q).view(1, q))
             c.ids[:, :n].copy_(ids)
@@ -301,8 +314,7 @@ class GraphDecoder:
             else:
                 self._chunk_step(model, c)
             logits = c.logits[n - 1].clone().view(1, 1, -1)
-            for i, (layer, m) in enumerate(zip(self.cache.layers, lens)):
-                cache.update(layer.keys[:, :, m : m + n], layer.values[:, :, m : m + n], i)
+            self._append_to(cache, lens, n)
         return logits
 
     @torch.no_grad()
@@ -316,10 +328,7 @@ class GraphDecoder:
         out: list[int] = []
         with self.lock, torch.cuda.device(self.device) if self.graphs else nullcontext():
             self._ensure(model, cache, max(lens) + max_new_tokens)
-            for layer, src in zip(self.cache.layers, cache.layers):
-                n = src.keys.shape[-2]
-                layer.keys[:, :, :n].copy_(src.keys)
-                layer.values[:, :, :n].copy_(src.values)
+            self._copy_in(cache)
             self._set_state(lens, length)
             self.ids.copy_(next_logits.reshape(-1).argmax().view(1, 1))
             fed = 0
@@ -338,8 +347,7 @@ class GraphDecoder:
                 if step_logits is not None:
                     step_logits.append(self.logits.clone())
             if fed:  # once per layer: the caller's cache gets past + every fed token, as the eager loop leaves it
-                for i, (layer, n) in enumerate(zip(self.cache.layers, lens)):
-                    cache.update(layer.keys[:, :, n : n + fed], layer.values[:, :, n : n + fed], i)
+                self._append_to(cache, lens, fed)
         return out
 
 

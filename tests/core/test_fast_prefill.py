@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_tiny, rand_ids
-from test_fast_decode import assert_same_cache
+from test_fast_decode import assert_same_cache, on_cuda
 
 from kvcomm.core import fast_decode, fast_prefill
 from kvcomm.core.generation import greedy_continue
@@ -110,13 +110,6 @@ def test_eager_when_the_static_bucket_is_too_large(tiny, monkeypatch):
     assert both(tiny, past, rand_ids(4, seed=1))[1][2] == "eager"
     monkeypatch.setattr(fast_prefill, "MAX_SHORT_FORWARD_BYTES", need)
     assert both(tiny, past, rand_ids(4, seed=1))[1][2] == "static"
-
-
-def on_cuda(arch, dtype):
-    lm = make_tiny(arch, dtype=dtype)
-    lm.model.to("cuda")
-    lm.device = torch.device("cuda")
-    return lm
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")

@@ -45,6 +45,7 @@ import torch
 
 from kvcomm.core.kv import KVBlock
 from kvcomm.core.quant import DEFAULT_GROUP_SIZE, DENSE, PRECISIONS, Quantized, dequantize, quantize
+from kvcomm.reuse import match_kernel
 
 
 def content_key(ids) -> str:
@@ -100,6 +101,11 @@ def unpacked(block: KVBlock | PackedBlock) -> KVBlock:
     return KVBlock(block.k.float(), block.v.float())
 
 
+def _as_stored(block: KVBlock | PackedBlock) -> KVBlock:
+    """A stored block's tensors for matching: a plain block as is (no copy), a packed one dequantized to float32."""
+    return block.unpack(torch.float32) if isinstance(block, PackedBlock) else block
+
+
 @dataclass
 class AgentDelta:
     placeholder: KVBlock | PackedBlock  # Δφ, same length as the anchor
@@ -131,25 +137,31 @@ class Match:
     anchors: list[str]
 
 
-def _square_distances(v: torch.Tensor, anchors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean squared difference between `v` [L, H, n, D] (float32) and each anchor's values, per token
-    ([A, n], over layers, heads, channels) and per (layer, head, channel) ([A, L, H, D], over tokens).
+def _square_distances(v: torch.Tensor, anchors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean squared difference between `v` [L, H, n, D] and each anchor's values, per token ([A, n], over
+    layers, heads, channels) and per (layer, head, channel) ([A, L, H, D], over tokens), and `v`'s own
+    mean square; float32.
 
-    One anchor at a time: a float32 difference of one anchor's size lives at once, not a stacked
-    [A, L, H, n, D] one (on an 8B model, 1,000 tokens: 131 MB instead of 524 MB per placeholder, and
-    the memory traffic of a reused call was mostly such temporaries)."""
+    On CUDA two Triton kernels read each input once (`kvcomm.reuse.match_kernel`). The eager path goes
+    one anchor at a time: a float32 difference of one anchor's size lives at once, not a stacked
+    [A, L, H, n, D] one (on an 8B model, 1,000 tokens: 131 MB instead of 524 MB per placeholder)."""
+    if match_kernel.available(v):
+        return match_kernel.square_distances(v, anchors)
+    v = v.float()
     d_tok = v.new_empty(len(anchors), v.shape[2])
     d_ch = v.new_empty(len(anchors), v.shape[0], v.shape[1], v.shape[3])
     for i, a in enumerate(anchors):
         sq = torch.sub(v, a).square_()
         torch.mean(sq, dim=(0, 1, 3), out=d_tok[i])
         torch.mean(sq, dim=2, out=d_ch[i])
-    return d_tok, d_ch
+    return d_tok, d_ch, v.pow(2).mean()
 
 
 def _blend(parts: list[torch.Tensor], weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """sum_a weights[a] * parts[a], accumulated in float32 one part at a time (no stacked float32
-    products), returned in `dtype`."""
+    """sum_a weights[a] * parts[a], accumulated in float32 (parts in any float dtype, as stored: no float32
+    copies of them), returned in `dtype`. One Triton kernel on CUDA, else one part at a time."""
+    if match_kernel.available(parts[0]):
+        return match_kernel.weighted_sum(parts, weights, dtype)
     out = parts[0] * weights[0]
     for part, w in zip(parts[1:], weights[1:]):
         out.addcmul_(part, w)
@@ -232,21 +244,20 @@ class AnchorPool:
             cands = [(a, a.deltas[agent_key]) for a in cands]
         if not cands:
             return None
-        v = base.v.float()
-        scale = v.pow(2).mean().sqrt().clamp_min(1e-6)
-        d_tok, d_ch = _square_distances(v, [a.base.v[:, :, :n] for a, _ in cands])  # [A, n], [A, L, H, D]
+        d_tok, d_ch, mean_sq = _square_distances(base.v, [a.base.v[:, :, :n] for a, _ in cands])  # [A, n], [A, L, H, D]
+        scale = mean_sq.sqrt().clamp_min(1e-6)
         d_global = d_tok.mean(1).sqrt() / scale  # every token has as many entries: the mean of means
         w, entropy = _softmax_entropy(d_global, self.tau)
         if len(cands) > 1 and entropy > self.gamma * math.log(len(cands)):
             return None
         # per-token weights for the placeholder: distance over layers, heads, channels at each token
         w_tok = torch.softmax(-(d_tok.sqrt() / scale) / self.tau, dim=0)[:, None, None, :, None]  # [A, 1, 1, n, 1]
-        dphi = [unpacked(dl.placeholder) for _, dl in cands]
+        dphi = [_as_stored(dl.placeholder) for _, dl in cands]
         placeholder = KVBlock(_blend([b.k[:, :, :n] for b in dphi], w_tok, base.k.dtype),
                               _blend([b.v[:, :, :n] for b in dphi], w_tok, base.v.dtype))
         # per (layer, head, channel) weights for the following segment: distance over tokens
         w_ch = torch.softmax(-(d_ch.sqrt() / scale) / self.tau, dim=0)[:, :, :, None, :]  # [A, L, H, 1, D]
-        segs = [unpacked(dl.segment) for _, dl in cands]
+        segs = [_as_stored(dl.segment) for _, dl in cands]
         segment = KVBlock(_blend([b.k for b in segs], w_ch, base.k.dtype), _blend([b.v for b in segs], w_ch, base.v.dtype))
         self.record_use(name, [a.key for (a, _), weight in zip(cands, w.tolist()) if weight > 1.0 / (2 * len(cands))])
         return Match(placeholder, segment, w, entropy, [a.key for a, _ in cands])

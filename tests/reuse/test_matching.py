@@ -14,7 +14,8 @@ def test_distances_and_blends_equal_the_stacked_definition():
     v = torch.randn(L, H, n, D, generator=g)
     anchors = [(v + 0.3 * (a + 1) * torch.randn(L, H, n, D, generator=g)).to(torch.bfloat16) for a in range(A)]
     sq = torch.stack([v - a.float() for a in anchors]).square()
-    d_tok, d_ch = _square_distances(v, anchors)
+    d_tok, d_ch, mean_sq = _square_distances(v, anchors)
+    torch.testing.assert_close(mean_sq, v.pow(2).mean())
     torch.testing.assert_close(d_tok, sq.mean(dim=(1, 2, 4)), rtol=1e-6, atol=0)
     torch.testing.assert_close(d_ch, sq.mean(dim=3), rtol=1e-6, atol=0)
     torch.testing.assert_close(d_tok.mean(1), sq.mean(dim=(1, 2, 3, 4)), rtol=1e-6, atol=0)

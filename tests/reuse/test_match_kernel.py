@@ -1,0 +1,92 @@
+"""The Triton matching kernels (`kvcomm.reuse.match_kernel`) against the eager path of
+`kvcomm.reuse.anchors`: same distances, scale and weighted offsets to float32 rounding, for anchors
+longer than the placeholder (read in place), mixed dtypes and more anchors than one launch sums.
+Runs on CUDA, or on CPU in Triton's interpreter where Triton is installed; skipped otherwise."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from kvcomm.reuse import anchors as anchors_mod
+from kvcomm.reuse import match_kernel
+
+
+@pytest.fixture
+def device(monkeypatch):
+    if torch.cuda.is_available():
+        yield "cuda"
+        return
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("no CUDA and no Triton for its interpreter")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    match_kernel._kernels.cache_clear()
+    match_kernel._importable.cache_clear()
+    yield "cpu"
+    match_kernel._kernels.cache_clear()
+    match_kernel._importable.cache_clear()
+
+
+def _eager(monkeypatch, fn, *args):
+    monkeypatch.setenv("KVCOMM_TRITON", "0")
+    try:
+        return fn(*args)
+    finally:
+        monkeypatch.delenv("KVCOMM_TRITON")
+
+
+@pytest.mark.parametrize("L,H,n,D,A", [(3, 2, 17, 8, 1), (2, 3, 40, 12, 3), (4, 2, 33, 16, 6)])
+def test_distances_match_the_eager_path(device, monkeypatch, L, H, n, D, A):
+    g = torch.Generator().manual_seed(L * 100 + n)
+    v = torch.randn(L, H, n, D, generator=g).to(torch.bfloat16).to(device)
+    longer = [(torch.randn(L, H, n + 5 * a, D, generator=g) * 0.5).to(torch.bfloat16).to(device) for a in range(A)]
+    views = [x[:, :, :n] for x in longer]  # anchors at least as long as the content, read in place
+    assert match_kernel.available(v)
+    got = anchors_mod._square_distances(v, views)
+    want = _eager(monkeypatch, anchors_mod._square_distances, v, views)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=2e-5, atol=1e-6)
+    assert got[0].shape == (A, n) and got[1].shape == (A, L, H, D) and got[2].dim() == 0
+
+
+@pytest.mark.parametrize("A", [1, 4, 5, 9])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_weighted_offsets_match_the_eager_path(device, monkeypatch, A, dtype):
+    g = torch.Generator().manual_seed(A)
+    L, H, n, D = 3, 2, 37, 8
+    parts = [torch.randn(L, H, n + 3 * a, D, generator=g).to(dtype).to(device)[:, :, :n] for a in range(A)]
+    parts[0] = parts[0].float()  # a dequantized (float32) offset among stored ones
+    per_token = torch.softmax(torch.randn(A, 1, 1, n, 1, generator=g), 0).to(device)
+    per_channel = torch.softmax(torch.randn(A, L, H, 1, D, generator=g), 0).to(device)
+    for w in (per_token, per_channel):
+        got = anchors_mod._blend(parts, w, dtype)
+        want = _eager(monkeypatch, anchors_mod._blend, parts, w, dtype)
+        assert got.dtype == dtype and got.shape == (L, H, n, D)
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-5)
+        torch.testing.assert_close(got, want, **tol)
+
+
+def test_match_uses_the_kernels_with_the_same_result(device, monkeypatch):
+    """A whole `AnchorPool.match` (bf16 KV, 3 anchors) gives the eager path's offsets and weights."""
+    from kvcomm.core.kv import KVBlock
+    from kvcomm.reuse.anchors import AgentDelta, AnchorPool
+
+    g = torch.Generator().manual_seed(7)
+    L, H, n, D = 3, 2, 21, 8
+    bf = lambda *s: torch.randn(*s, generator=g).to(torch.bfloat16).to(device)  # noqa: E731
+    pool = AnchorPool(gamma=1.0, tau=0.05)
+    content = bf(L, H, n, D)
+    for i in range(3):
+        base = KVBlock(bf(L, H, n + i, D), (content.float().cpu() + 0.2 * (i + 1) * torch.randn(L, H, n, D, generator=g)).to(torch.bfloat16).to(device))
+        base = KVBlock(base.k[:, :, :n], base.v)
+        pool.stage("r", "q", f"k{i}", base, "agent", AgentDelta(KVBlock(bf(L, H, n, D), bf(L, H, n, D)), KVBlock(bf(L, H, 5, D), bf(L, H, 5, D))))
+    pool.commit("r")
+    query = KVBlock(bf(L, H, n, D), content)
+    got = pool.match("q", "agent", query)
+    want = _eager(monkeypatch, pool.match, "q", "agent", query)
+    torch.testing.assert_close(got.weights, want.weights, rtol=1e-4, atol=1e-6)
+    for x, y in ((got.placeholder_offset, want.placeholder_offset), (got.segment_offset, want.segment_offset)):
+        torch.testing.assert_close(x.k.float(), y.k.float(), rtol=1.6e-2, atol=1e-2)
+        torch.testing.assert_close(x.v.float(), y.v.float(), rtol=1.6e-2, atol=1e-2)

@@ -27,7 +27,9 @@ def add_parser(sub) -> None:
     p.add_argument("--mode", action="append", type=setting,
                    help="execution setting; repeat to compare (default: dense and reuse): dense, prefix (exact prefix "
                         "caching), reuse (KVCOMM's offsets), blend@R[:select] (offsets + recompute of a fraction R of the "
-                        "reused tokens, picked by deviation, offset or first), cacheblend@R[:select] (recompute without offsets)")
+                        "reused tokens, picked by deviation, offset or first), cacheblend@R[:select] (recompute without offsets); "
+                        "append +defer to reuse/blend/cacheblend to run the agent that first meets the question on its cached "
+                        "prefix and encode the question's base KV after its reply")
     p.add_argument("--limit", type=positive_int, default=10,
                    help="workload items (default 10; coding has 164: a larger --limit takes them all)")
     p.add_argument("--warmup", type=bounded(int, 0), default=2,

@@ -13,12 +13,13 @@
           prefill and records that placeholder as a new anchor (deltas staged until the request ends).
           Options beyond the paper: `sink_head` (how stand-alone contents are encoded, see `base_kv`),
           `refresh_tail` (prefill the last template segment, see `_tail_start`), `recompute` (also
-          recompute a fraction of the reused tokens, `kvcomm.reuse.blend`) and `offsets=False`
-          (no anchors or offsets at all: re-rotated base KV plus recompute, the CacheBlend way).
+          recompute a fraction of the reused tokens, `kvcomm.reuse.blend`), `offsets=False`
+          (no anchors or offsets at all: re-rotated base KV plus recompute, the CacheBlend way) and
+          `defer_base` (see ReuseConfig).
 
 Settings name a mode and its options in one string (`parse_setting`): dense, prefix, reuse (the
 paper), blend@R[:select] (offsets + recompute of a fraction R), cacheblend@R[:select] (recompute
-without offsets).
+without offsets); a trailing `+defer` on reuse, blend or cacheblend sets `defer_base`.
 
 Timing: TTFT is measured from the start of the call to the first token's logits, including base-KV
 prefills, anchor matching and cache assembly. Template KV is precomputed when an agent template is
@@ -58,6 +59,12 @@ class ReuseConfig:
     select          how those tokens are picked: deviation | offset | first (`kvcomm.reuse.blend`)
     offsets         estimate offsets from anchors (the paper); False reuses re-rotated base KV as is,
                     needs no anchors and never falls back to dense (CacheBlend's way)
+    defer_base      a call whose placeholders include a content nobody has encoded yet (the user question,
+                    at the first agent) prefills its prompt after the agent's cached first segment
+                    (prefix caching: exact, no base-KV prefill before its first token) and encodes the
+                    content's base KV after its reply, for the agents after it. The paper encodes the
+                    base first, on that agent's time to first token (slower than dense for agent 1 of
+                    the 8B benchmark: 58 vs 47 ms). Off by default: published agent results ran without it.
     kv_precision    precision of the KV one agent hands another (replies' KV, stand-alone contents' base
                     KV), as a KV message at that precision would deliver it: None = as computed; fp8/int8/
                     int4 quantized then dequantized (`kvcomm.core.quant`), bf16/fp16/fp32 a cast. The local
@@ -71,6 +78,7 @@ class ReuseConfig:
     recompute: float = 0.0
     select: str = "deviation"
     offsets: bool = True
+    defer_base: bool = False
     kv_precision: str | None = None
 
     def __post_init__(self):
@@ -83,11 +91,15 @@ class ReuseConfig:
 
 
 def parse_setting(setting: str, base: ReuseConfig = ReuseConfig()) -> tuple[str, ReuseConfig]:
-    """(engine mode, config) for a setting name: dense | prefix | reuse | blend@R[:select] | cacheblend@R[:select].
+    """(engine mode, config) for a setting name: dense | prefix | reuse | blend@R[:select] | cacheblend@R[:select],
+    the last three optionally followed by `+defer` (`ReuseConfig.defer_base`).
 
     `blend@0.15` is the paper's reuse plus recompute of 15% of the reused tokens (picked by layer-1
     value deviation unless `:offset` or `:first` says otherwise); `cacheblend@0.15` the same without
     anchors or offsets."""
+    if setting.endswith("+defer") and not setting.startswith(("dense", "prefix")):
+        mode, config = parse_setting(setting[: -len("+defer")], base)
+        return mode, replace(config, defer_base=True)
     name, _, rest = setting.partition("@")
     if name in MODES and not rest:
         return name, base
@@ -100,7 +112,7 @@ def parse_setting(setting: str, base: ReuseConfig = ReuseConfig()) -> tuple[str,
         if 0.0 <= r <= 1.0:
             return "reuse", replace(base, recompute=r, select=select or base.select, offsets=name == "blend")
     raise ValueError(f"unknown setting {setting!r}: use dense, prefix, reuse, blend@R[:select] or cacheblend@R[:select] "
-                     f"with 0 <= R <= 1 and select in {SELECTORS}")
+                     f"with 0 <= R <= 1 and select in {SELECTORS}, the last three optionally ending in +defer")
 
 
 @dataclass
@@ -221,7 +233,11 @@ class ReuseEngine:
         sync(lm.device)
         start = time.perf_counter()
         matched: dict[str, float] = {}
-        if self.mode == "dense":
+        deferred = [n for n in agent.names if contents[n].base is None] if self.mode == "reuse" and self.config.defer_base else []
+        if deferred:  # prefix caching over the template's exact first segment; bases encoded after the reply
+            logits, cache = _run(lm, ids[tkv.p0.n :], tkv.p0)
+            path, prefilled = "prefix", len(ids) - tkv.p0.n
+        elif self.mode == "dense":
             logits, cache = _run(lm, ids)
             path, prefilled = "dense", len(ids)
         elif self.mode == "prefix":
@@ -234,6 +250,8 @@ class ReuseEngine:
         if self.mode == "prefix":  # bookkeeping a paged prefix cache gets for free: not part of TTFT
             self._remember_prefix(agent, ids, cache)
         reply_ids = greedy_continue(lm, cache, logits, len(ids), self.config.max_new_tokens, self.stops, feed_last=True)
+        for name in deferred:  # for the agents after this one; inside total_s, not TTFT
+            prefilled += self.base_kv(contents[name])[1]
         sync(lm.device)
         total = time.perf_counter() - start
         reply_base = self.handoff(move(lm, cache_to_block(cache, len(ids), len(ids) + len(reply_ids)), -len(ids))) if reply_ids else None

@@ -95,6 +95,39 @@ def test_reused_cache_equals_dense_cache_on_replay():
     torch.testing.assert_close(captured["logits"], ref, atol=1e-4, rtol=1e-4)
 
 
+def test_defer_base_runs_the_first_agent_on_its_cached_prefix_and_encodes_the_base_after():
+    """With defer_base the agent that meets a content first takes the prefix path (exact: dense's
+    reply), prefills only what follows its first segment before its first token, and leaves the
+    content's base KV (the same as `base_kv` gives) for the agents after it, which then reuse."""
+    from kvcomm.reuse.engine import parse_setting
+
+    lm = make_tiny()
+    wl = small_workload(1)
+    mode, config = parse_setting("reuse+defer", ReuseConfig(max_new_tokens=6))
+    assert mode == "reuse" and config.defer_base and parse_setting("blend@0.15:first+defer")[1].defer_base
+    with pytest.raises(ValueError, match="unknown setting"):
+        parse_setting("dense+defer")
+    outs = {}
+    for name, engine in (("dense", ReuseEngine(lm, "dense", config=ReuseConfig(max_new_tokens=6))),
+                         ("defer", ReuseEngine(lm, mode, config=config))):
+        runner = MultiAgentRunner(engine, wl, 3, "fully_connected")
+        outs[name] = [runner.run_item(wl.items[0]), runner.run_item(wl.items[0])]
+    first, second = outs["defer"]
+    assert [c["path"] for c in first.calls] == ["prefix"] + ["dense"] * 3  # later agents: new anchors
+    assert [c["path"] for c in second.calls] == ["prefix"] + ["reuse"] * 3  # the question is new to agent 0 each time
+    assert [c["reply_ids"] for c in first.calls] == [c["reply_ids"] for c in outs["dense"][0].calls]
+    assert [c["reply_ids"] for c in second.calls] == [c["reply_ids"] for c in outs["dense"][1].calls]
+    agent = AgentTemplate.build(lm.tokenizer, "a", "you are one", "what {user_question} is the answer")
+    engine = ReuseEngine(lm, "reuse", config=config)
+    q = Content(rand_ids(7, 5))
+    res = engine.call(agent, {"user_question": q})
+    want, n_base = ReuseEngine(lm, "reuse").base_kv(Content(list(q.ids)))
+    torch.testing.assert_close(q.base.k, want.k)
+    torch.testing.assert_close(q.base.v, want.v)
+    p0 = engine.template_kv(agent).p0.n
+    assert res.path == "prefix" and res.prefilled_tokens == res.prompt_tokens - p0 + n_base
+
+
 def test_prefix_mode_reuses_exact_prefix_and_matches_dense():
     lm = make_tiny()
     wl = small_workload(2)

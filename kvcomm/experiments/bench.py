@@ -46,12 +46,13 @@ from kvcomm.experiments.bench_models import (
     random_model,
     random_request,
 )
+from kvcomm.experiments.bench_peer import bench_peer
 from kvcomm.reuse.anchors import AnchorPool
 from kvcomm.reuse.engine import ReuseConfig, ReuseEngine, parse_setting
 from kvcomm.sharing.selection import layers_for
 from kvcomm.sharing.send_receive import receive_prefill, send
 
-PARTS = ("reuse", "sweep", "sharing")
+PARTS = ("reuse", "sweep", "sharing", "peer")
 ONE_TOKEN = ReuseConfig(max_new_tokens=1)  # TTFT is all a speed benchmark times
 
 def bench_reuse(lm, n_agents: int, prefix: int, user: int, reply: int, anchors: int = 4, repeats: int = 5,
@@ -279,6 +280,12 @@ def run_bench(config: BenchConfig, out: Path) -> dict:
         save()
     if "sharing" in report:
         _print_sharing(console, report["sharing"])
+    if "peer" in parts and "peer" not in report:
+        with console.status("peer: transformers generate (static cache, compiled decode) vs kvcomm …"):
+            report["peer"] = bench_peer(lm, contexts[:2], repeats=repeats)
+        save()
+    if "peer" in report:
+        _print_peer(console, report["peer"])
     save()
     if "reuse" in report and "sharing" in report:
         plot(report, out / "bench.png")
@@ -298,6 +305,18 @@ def _print_reuse(console, reuse: dict) -> None:
         d = reuse.get("dense", {}).get("per_agent", [{}] * n)[k]
         util = f"{d.get('tflops', 0):.0f} ({d['flop_utilisation']:.0%})" if d.get("flop_utilisation") else f"{d.get('tflops', 0):.2f}"
         t.add_row(str(k + 1), *cells, util)
+    console.print(t)
+
+
+def _print_peer(console, peer: dict) -> None:
+    t = Table(title=f"{peer['question_tokens']} tokens after a cached context, then {peer['decode_tokens']} greedy tokens: "
+                    "kvcomm vs transformers generate (StaticCache, compiled decode)")
+    for c in ("context", "kvcomm TTFT ms (path)", "eager TTFT ms", "transformers TTFT ms", "kvcomm ms/token", "transformers ms/token"):
+        t.add_column(c)
+    for r in peer["rows"]:
+        k, h = r["kvcomm"], r["transformers"]
+        t.add_row(str(r["context_tokens"]), f"{k['ttft_ms']:.1f} ({k['path']})", f"{k['eager_ttft_ms']:.1f}", f"{h['ttft_ms']:.1f}",
+                  f"{k['decode_ms_per_token']:.2f}", f"{h['decode_ms_per_token']:.2f}" + ("" if h["compiled"] else " (not compiled)"))
     console.print(t)
 
 

@@ -34,8 +34,9 @@ from kvcomm.core.kv import KVBlock, cache_to_block, move, prefill
 from kvcomm.core.models import load_model
 from kvcomm.core.rope import rerotate
 from kvcomm.reuse.anchors import AnchorPool
+from kvcomm.reuse.assembly import add_offset, assemble
 from kvcomm.reuse.blend import choose, recompute
-from kvcomm.reuse.engine import Content, ReuseConfig, ReuseEngine, add_offset, assemble
+from kvcomm.reuse.engine import Content, ReuseConfig, ReuseEngine
 
 RESIDUALS = (0.05, 0.1, 0.2, 0.4)  # the a of the true×(1-a) rows
 

@@ -37,11 +37,12 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import record_function
 
 from kvcomm.core.attention import NAME as KVCOMM_ATTENTION
 
 MIN_BUCKET = 256
-CHUNK_BUCKETS = (16, 32, 64, 128)  # new-token counts with a captured prefill; longer prefills stay eager
+CHUNK_BUCKETS = (1, 16, 32, 64, 128)  # new-token counts with a captured prefill (1: a reused agent's last token); longer stay eager
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (allocator and library initialisation)
 
 
@@ -305,16 +306,19 @@ class GraphDecoder:
         with self.lock, torch.cuda.device(self.device) if self.graphs else nullcontext():
             self._ensure(model, cache, max(lens) + q)
             c = self._chunk(model, q)
-            self._copy_in(cache)
+            with record_function("kvcomm.static.copy_in"):
+                self._copy_in(cache)
             self.lens.copy_(torch.tensor(lens, dtype=torch.long))
             c.pos.copy_(torch.arange(start, start + q).view(1, q))
             c.ids[:, :n].copy_(ids)
-            if c.graph is not None:
-                c.graph.replay()
-            else:
-                self._chunk_step(model, c)
+            with record_function("kvcomm.static.forward"):
+                if c.graph is not None:
+                    c.graph.replay()
+                else:
+                    self._chunk_step(model, c)
             logits = c.logits[n - 1].clone().view(1, 1, -1)
-            self._append_to(cache, lens, n)
+            with record_function("kvcomm.static.append"):
+                self._append_to(cache, lens, n)
         return logits
 
     @torch.no_grad()

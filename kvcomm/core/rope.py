@@ -32,6 +32,20 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def rotation(model, positions: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 cos and sin [t, head_dim] that move keys by `positions` [t] (the model's own rotary
+    module, with YaRN-style `attention_scaling` divided out: a move must not apply it twice)."""
+    check_shift_invariant(model)
+    rot = _rotary(model)
+    pos = positions.to(device, torch.long).reshape(1, -1)
+    probe = torch.empty(1, dtype=torch.float32, device=device)
+    # Computing cos/sin of a negative position is fine: the rotary module takes pos * inv_freq.
+    cos, sin = rot(probe, pos)
+    scale = float(getattr(rot, "attention_scaling", 1.0) or 1.0)
+    return (cos[0] / scale).float(), (sin[0] / scale).float()
+
+
+@torch.no_grad()
 def rerotate(model, keys: torch.Tensor, delta: int | torch.Tensor) -> torch.Tensor:
     """Return keys [b, h, t, d] moved by `delta` positions (an int, or a [t] tensor per token).
 
@@ -39,18 +53,9 @@ def rerotate(model, keys: torch.Tensor, delta: int | torch.Tensor) -> torch.Tens
     """
     if isinstance(delta, int) and delta == 0:
         return keys
-    check_shift_invariant(model)
-    rot = _rotary(model)
     t = keys.shape[-2]
-    if isinstance(delta, int):
-        pos = torch.full((1, t), delta, dtype=torch.long, device=keys.device)
-    else:
-        pos = delta.to(keys.device, torch.long).reshape(1, t)
-    probe = torch.empty(1, dtype=torch.float32, device=keys.device)
-    # Computing cos/sin of a negative position is fine: the rotary module takes pos * inv_freq.
-    cos, sin = rot(probe, pos)
-    scale = float(getattr(rot, "attention_scaling", 1.0) or 1.0)
-    cos = (cos / scale).float().unsqueeze(1)  # [1, 1, t, d]
-    sin = (sin / scale).float().unsqueeze(1)
+    pos = torch.full((t,), delta, dtype=torch.long) if isinstance(delta, int) else delta
+    cos, sin = rotation(model, pos, keys.device)
+    cos, sin = cos.unsqueeze(0).unsqueeze(0), sin.unsqueeze(0).unsqueeze(0)  # [1, 1, t, d]
     k = keys.float()
     return (k * cos + rotate_half(k) * sin).to(keys.dtype)

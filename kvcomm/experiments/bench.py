@@ -335,6 +335,16 @@ def _print_sharing(console, sharing: dict) -> None:
     console.print(t)
 
 
+def _phases(prof) -> str:
+    """CPU and device time inside the reuse call's labelled phases (`record_function` ranges in the engine)."""
+    lines = ["phases of the call (ms): CPU total / device total, calls"]
+    for e in prof.key_averages():
+        if e.key.startswith("kvcomm."):
+            device = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0))
+            lines.append(f"  {e.key:<26} {e.cpu_time_total / 1e3:8.2f} / {device / 1e3:8.2f}  x{e.count}")
+    return "\n".join(lines)
+
+
 def profile_calls(preset: str = "gpu", out: Path | None = None, device: str | None = None) -> str:
     """torch.profiler tables for one agent-5 reuse call and one KVComm receiver prefill (where time goes)."""
     from torch.profiler import ProfilerActivity, profile
@@ -364,7 +374,7 @@ def profile_calls(preset: str = "gpu", out: Path | None = None, device: str | No
     with profile(activities=acts) as prof:
         res = engine.call(last, args, request="p")
     text = [f"reuse call, agent {n_agents}: path={res.path} ttft={res.ttft_s * 1e3:.1f} ms",
-            prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60)]
+            prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60), _phases(prof)]
     ctx, qq = random_ids(4096, g, vocab), random_ids(32, g, vocab)
     msg = send(lm, ctx).select(layers_for("contiguous", 0.5, lm.num_layers))
     receive_prefill(lm, qq, [msg])

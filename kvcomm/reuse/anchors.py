@@ -168,10 +168,12 @@ def _blend(parts: list[torch.Tensor], weights: torch.Tensor, dtype: torch.dtype)
     return out.to(dtype)
 
 
-def _softmax_entropy(d: torch.Tensor, tau: float) -> tuple[torch.Tensor, float]:
+def _softmax_entropy(d: torch.Tensor, tau: float) -> tuple[torch.Tensor, float, list[float]]:
+    """Softmax weights of −d/τ, their entropy and the weights as floats, in one device-to-host copy."""
     w = torch.softmax(-d / tau, dim=0)
-    h = float(-(w * torch.log(w.clamp_min(1e-30))).sum())
-    return w, h
+    h = -(w * torch.log(w.clamp_min(1e-30))).sum()
+    host = torch.cat([h.view(1), w]).tolist()
+    return w, host[0], host[1:]
 
 
 @dataclass
@@ -247,7 +249,7 @@ class AnchorPool:
         d_tok, d_ch, mean_sq = _square_distances(base.v, [a.base.v[:, :, :n] for a, _ in cands])  # [A, n], [A, L, H, D]
         scale = mean_sq.sqrt().clamp_min(1e-6)
         d_global = d_tok.mean(1).sqrt() / scale  # every token has as many entries: the mean of means
-        w, entropy = _softmax_entropy(d_global, self.tau)
+        w, entropy, weights = _softmax_entropy(d_global, self.tau)
         if len(cands) > 1 and entropy > self.gamma * math.log(len(cands)):
             return None
         # per-token weights for the placeholder: distance over layers, heads, channels at each token
@@ -259,7 +261,7 @@ class AnchorPool:
         w_ch = torch.softmax(-(d_ch.sqrt() / scale) / self.tau, dim=0)[:, :, :, None, :]  # [A, L, H, 1, D]
         segs = [_as_stored(dl.segment) for _, dl in cands]
         segment = KVBlock(_blend([b.k for b in segs], w_ch, base.k.dtype), _blend([b.v for b in segs], w_ch, base.v.dtype))
-        self.record_use(name, [a.key for (a, _), weight in zip(cands, w.tolist()) if weight > 1.0 / (2 * len(cands))])
+        self.record_use(name, [a.key for (a, _), weight in zip(cands, weights) if weight > 1.0 / (2 * len(cands))])
         return Match(placeholder, segment, w, entropy, [a.key for a, _ in cands])
 
     def record_use(self, name: str, keys: list[str]) -> None:

@@ -33,13 +33,14 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
+from torch.profiler import record_function
 
 from kvcomm.core.generation import greedy_continue, stop_ids, sync
 from kvcomm.core.kv import KVBlock, cache_to_block, move, prefill
 from kvcomm.core.models import LoadedModel
 from kvcomm.core.quant import PRECISIONS
-from kvcomm.core.rope import rerotate
 from kvcomm.reuse.anchors import AgentDelta, AnchorPool, KVPool, content_key, pack, unpacked
+from kvcomm.reuse.assembly import assemble
 from kvcomm.reuse.blend import SELECTORS, choose, recompute
 from kvcomm.reuse.templates import AgentTemplate, shared_head_ids
 
@@ -288,13 +289,31 @@ class ReuseEngine:
             bases[name], n = self.base_kv(contents[name])
             prefilled += n
             if cfg.offsets:
-                matches[name] = None if self.force_new_anchors else self.pool.match(name, agent_key, bases[name])
+                with record_function("kvcomm.reuse.match"):
+                    matches[name] = None if self.force_new_anchors else self.pool.match(name, agent_key, bases[name])
         if any(m is None for m in matches.values()):
             logits, cache = _run(lm, ids)
             self._record(agent, tkv, cache, spans, contents, bases, matches, agent_key, request)
             return logits, cache, "dense", prefilled + len(ids), {}
+        with record_function("kvcomm.reuse.assemble"):
+            full, offsets = self._assemble(agent, tkv, spans, bases, matches)
+        t = self._tail_start(spans, len(ids))
+        entropies = {k: m.entropy for k, m in matches.items()}
+        if cfg.recompute > 0:
+            value_offsets = torch.cat(offsets, 2)[:, :, :t] if offsets else None
+            picked, extra = choose(lm, cfg.select, cfg.recompute, ids, spans, full.slice(0, t), value_offsets)
+            logits, cache = recompute(lm, ids, full.slice(0, t), picked)
+            return logits, cache, "reuse", prefilled + len(ids) - t + len(picked) + round(extra), entropies
+        with record_function("kvcomm.reuse.forward"):
+            logits, cache = _run(lm, ids[t:], full.slice(0, t))
+        return logits, cache, "reuse", prefilled + len(ids) - t, entropies
+
+    def _assemble(self, agent, tkv: TemplateKV, spans, bases, matches) -> tuple[KVBlock, list[torch.Tensor]]:
+        """The prompt's KV from template KV, bases and matched offsets, and (for offset-ranked recompute
+        only) the value offsets per span."""
+        cfg = self.config
         by_offset = cfg.recompute > 0 and cfg.select == "offset"  # the only user of the value offsets
-        pieces, offsets = [], ([torch.zeros_like(tkv.p0.v)] if by_offset else [])
+        pieces, piece_offsets, offsets = [], [], ([torch.zeros_like(tkv.p0.v)] if by_offset else [])
         for kind, _, _ in spans[1:]:
             if kind.startswith("p"):
                 i = int(kind[1:])
@@ -303,19 +322,11 @@ class ReuseEngine:
             else:
                 base, m = bases[kind], matches.get(kind)
                 offset = m.placeholder_offset if m is not None else None
-            pieces.append(add_offset(base, offset) if offset is not None else base)
+            pieces.append(base)
+            piece_offsets.append(offset)
             if by_offset:
                 offsets.append(offset.v[:, :, : base.n] if offset is not None else torch.zeros_like(base.v))
-        full = assemble(lm, tkv.p0, spans, pieces)
-        t = self._tail_start(spans, len(ids))
-        entropies = {k: m.entropy for k, m in matches.items()}
-        if cfg.recompute > 0:
-            value_offsets = torch.cat(offsets, 2)[:, :, :t] if by_offset else None
-            picked, extra = choose(lm, cfg.select, cfg.recompute, ids, spans, full.slice(0, t), value_offsets)
-            logits, cache = recompute(lm, ids, full.slice(0, t), picked)
-            return logits, cache, "reuse", prefilled + len(ids) - t + len(picked) + round(extra), entropies
-        logits, cache = _run(lm, ids[t:], full.slice(0, t))
-        return logits, cache, "reuse", prefilled + len(ids) - t, entropies
+        return assemble(self.lm, tkv.p0, spans, pieces, piece_offsets), offsets
 
     def _tail_start(self, spans, n: int) -> int:
         """First prompt token that is run through the model on the reuse path.
@@ -344,24 +355,8 @@ class ReuseEngine:
                             AgentDelta(_zero_layer0(dphi), _zero_layer0(dseg)))
 
 
-def assemble(lm: LoadedModel, p0: KVBlock, spans, pieces: list[KVBlock]) -> KVBlock:
-    """The prompt's KV: exact `p0`, then one origin-frame piece per later span, keys re-rotated to the spans'
-    positions. One re-rotation with per-token shifts moves every piece (fewer kernel launches than one
-    rotation per piece; the result is the same)."""
-    shifts = [torch.zeros(p0.n, dtype=torch.long)] + [torch.full((b - a,), a, dtype=torch.long) for _, a, b in spans[1:]]
-    blocks = [p0, *pieces]
-    full = KVBlock(torch.cat([p.k for p in blocks], 2), torch.cat([p.v for p in blocks], 2))
-    return KVBlock(rerotate(lm.model, full.k, torch.cat(shifts)), full.v)
-
-
 def _zero_layer0(block: KVBlock) -> KVBlock:
     k, v = block.k.clone(), block.v.clone()
     k[0].zero_()
     v[0].zero_()
     return KVBlock(k, v)
-
-
-def add_offset(base: KVBlock, offset: KVBlock) -> KVBlock:
-    """`base` plus the first `base.n` tokens of an estimated offset."""
-    n = base.n
-    return KVBlock(base.k + offset.k[:, :, :n], base.v + offset.v[:, :, :n])

@@ -87,7 +87,7 @@ def test_one_chunk_per_bucket_and_eager_beyond_the_largest(tiny):
     assert sorted(dec.chunks) == [16, 64]
     too_long = fast_decode.CHUNK_BUCKETS[-1] + 1
     assert both(tiny, past, rand_ids(too_long, seed=1))[1][2] == "eager"
-    assert [fast_decode.chunk_bucket(n) for n in (1, 16, 17, 128, 129)] == [16, 16, 32, 128, None]
+    assert [fast_decode.chunk_bucket(n) for n in (1, 2, 16, 17, 128, 129)] == [1, 16, 16, 32, 128, None]
 
 
 def test_eager_where_the_static_path_does_not_apply(tiny, monkeypatch):

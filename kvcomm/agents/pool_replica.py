@@ -190,6 +190,7 @@ class ReplicaPool(AnchorPool):
         self.version = 0
         self.agent_keys: set[str] = set()
         self.round_trips = 0  # awaited pool calls before the first token (at most one per call)
+        self.wire_bytes = 0  # KV message bytes received from and sent to the pool actor
         self._pending = None  # (full resync?, ObjectRef of `changes`)
         self._synced = False
         self._uses: list[tuple[str, list[str]]] = []
@@ -252,8 +253,10 @@ class ReplicaPool(AnchorPool):
                 if base is None:
                     return False
                 a = group[key] = Anchor(name, key, block_from_bytes(base, self.fp, self.device), created=created)
+                self.wire_bytes += len(base)
                 touched.add(name)
             for agent_key, dphi, dseg in deltas:
+                self.wire_bytes += len(dphi) + len(dseg)
                 a.deltas[agent_key] = AgentDelta(block_from_bytes(dphi, self.fp, self.device),
                                                  block_from_bytes(dseg, self.fp, self.device))
         for name in touched:  # matching iterates anchors in creation order, as the pool's dicts hold them
@@ -284,6 +287,7 @@ class ReplicaPool(AnchorPool):
             return
         wire = [(req, name, key, block_to_bytes(base, self.fp), agent_key, block_to_bytes(d.placeholder, self.fp),
                  block_to_bytes(d.segment, self.fp)) for req, name, key, base, agent_key, d in stages]
+        self.wire_bytes += sum(len(w[3]) + len(w[5]) + len(w[6]) for w in wire)
         try:
             require_ray().get(self.actor.report.remote(uses, wire))
         except _actor_errors() as e:

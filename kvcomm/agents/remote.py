@@ -78,7 +78,7 @@ class AgentActor:
     def call(self, agent, contents: dict, request: str):
         """contents: name -> (ids, message bytes or ObjectRef of them, or None). Returns (record, reply bytes)."""
         ray = _ray()
-        trips = self.pool.round_trips
+        trips, pool_bytes = self.pool.round_trips, self.pool.wire_bytes
         if self.engine.mode == "reuse" and self.engine.config.offsets:
             self.pool.begin(agent.pool_key)  # the replica's one sync, sent before the incoming KV is decoded
         refs = {name: src for name, (_, src) in contents.items() if isinstance(src, ray.ObjectRef)}
@@ -98,6 +98,10 @@ class AgentActor:
                   "total_s": res.total_s, "prompt_tokens": res.prompt_tokens, "prefilled_tokens": res.prefilled_tokens,
                   "matched": res.matched, "new_bases": new_bases}
         reply = block_to_bytes(res.reply.base, self.fp, "reply", wire) if res.reply.base is not None else None
+        incoming = sum(len(fetched.get(name, src) or b"") for name, (_, src) in contents.items()
+                       if isinstance(fetched.get(name, src), bytes | bytearray))
+        record["wire_bytes"] = (incoming + sum(map(len, new_bases.values())) + (len(reply) if reply else 0)
+                                + self.pool.wire_bytes - pool_bytes)
         return record, reply
 
 
@@ -155,7 +159,7 @@ class RayEngine:
             contents[name].remote = ray.put(data)  # later agents fetch the question's base KV from the store
         reply = Content(list(rec["reply_ids"]), None, reply_ref if rec["reply_ids"] else None)
         return CallResult(rec["agent"], rec["path"], rec["reply_ids"], reply, rec["ttft_s"], rec["total_s"],
-                          rec["prompt_tokens"], rec["prefilled_tokens"], rec["matched"])
+                          rec["prompt_tokens"], rec["prefilled_tokens"], rec["matched"], rec["wire_bytes"])
 
     def shutdown(self) -> None:
         ray = _ray()

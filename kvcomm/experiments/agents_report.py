@@ -197,6 +197,7 @@ def mode_summary(rows: list[dict], max_new_tokens: int, warmup: int) -> dict:
         "reuse_rate_after_warmup": _reuse_rate(warm),
         "prefilled_tokens": sum(c["prefilled_tokens"] for c in calls),
         "prompt_tokens": sum(c["prompt_tokens"] for c in calls),
+        "wire_bytes": sum(c.get("wire_bytes", 0) for c in calls),
         "cap_share": cap_share(rows, max_new_tokens),
         "cap_share_final": cap_share(rows, max_new_tokens, final_only=True),
         "finished": len(rows),
@@ -341,7 +342,7 @@ def summary_table(report: dict, warmup: int):
                         f"{len(first['items'])} items{shards}, answer budget {report['max_new_tokens']} tokens")
     for col in ("mode", "accuracy", "agree w/ dense: answer / final / calls", "prefill fraction",
                 "reuse rate (after warm-up)", "at budget: calls / final", "tokens prefilled / prompt",
-                "median TTFT ms by position"):
+                "median TTFT ms by position", "KV across processes MB/item"):
         table.add_column(col)
     for mode, m in report["modes"].items():
         agree = (f"{m['answer_agreement_with_dense']:.0%} / {m['final_agreement_with_dense']:.0%} / "
@@ -353,5 +354,6 @@ def summary_table(report: dict, warmup: int):
                       f"{m['reuse_rate']:.0%} ({m['reuse_rate_after_warmup']:.0%})",
                       f"{m['cap_share']:.0%} / {m['cap_share_final']:.0%}",
                       f"{m['prefilled_tokens']:,}/{m['prompt_tokens']:,}",
-                      " ".join(f"{x:.0f}" for x in ttft_by_position(m, warmup)))
+                      " ".join(f"{x:.0f}" for x in ttft_by_position(m, warmup)),
+                      f"{m['wire_bytes'] / 1e6 / max(1, m['finished']):.1f}" if m.get("wire_bytes") else "-")
     return table

@@ -139,6 +139,7 @@ class CallResult:
     prompt_tokens: int
     prefilled_tokens: int
     matched: dict[str, float] = field(default_factory=dict)  # placeholder -> entropy, when reused
+    wire_bytes: int = 0  # KV message bytes the call's process received and sent (Ray backend; 0 in one process)
 
 
 def _run(lm: LoadedModel, ids: list[int], past: KVBlock | None = None):

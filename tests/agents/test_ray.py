@@ -55,6 +55,9 @@ def test_ray_backend_gives_the_single_process_outputs(tiny_dir, cluster):
     assert calls(got) == calls(want)
     assert [c["path"] for c in got[-1].calls] == ["reuse"] * 4 and [r.final for r in got] == [r.final for r in want]
     assert stats["anchors"] > 0 and stats["matches"] > 0
+    # KV crossed processes: later agents fetched the question's base KV and earlier replies' KV, and the
+    # replay's pool sync carried anchors; the single process moved none
+    assert all(c["wire_bytes"] > 0 for r in got for c in r.calls[1:]) and all(c["wire_bytes"] == 0 for r in want for c in r.calls)
 
 
 def test_replicas_match_like_the_central_pool_with_eviction_and_compressed_offsets(tiny_dir, cluster):

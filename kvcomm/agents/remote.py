@@ -73,7 +73,7 @@ class AgentActor:
 
     def info(self) -> dict:
         return {"pid": self.pid, "fingerprint": self.fp.to_json(), "device": str(self.lm.device),
-                "pool_round_trips": self.round_trips}
+                "gpu_ids": [str(g) for g in _ray().get_gpu_ids()], "pool_round_trips": self.round_trips}
 
     def call(self, agent, contents: dict, request: str):
         """contents: name -> (ids, message bytes or ObjectRef of them, or None). Returns (record, reply bytes)."""
@@ -168,9 +168,11 @@ class RayEngine:
         ray.kill(self.pool_actor)
         self.agents.clear()
 
-    def start(self, agent_ids) -> None:
-        """Create (and load the model in) every agent's actor up front, so timings exclude start-up."""
-        _ray().get([self._agent(a).info.remote() for a in agent_ids])
+    def start(self, agent_ids) -> dict[str, dict]:
+        """Create (and load the model in) every agent's actor up front, so timings exclude start-up; returns
+        each actor's `info` (process, device, the GPUs Ray gave it)."""
+        agent_ids = list(agent_ids)
+        return dict(zip(agent_ids, _ray().get([self._agent(a).info.remote() for a in agent_ids])))
 
 
 # ---- sender / receiver sharing ------------------------------------------------------------------------

@@ -133,7 +133,8 @@ def _run_mode(lm, c: AgentsConfig, workload, mode: str, todo: list[int], path: P
     engine = make_engine(lm, mode, c.reuse, c.pool, model=c.model, cluster=c.cluster)
     runner = MultiAgentRunner(engine, workload, c.agents, c.topology, c.rounds)
     if c.cluster is not None:  # start every actor (and load its model) before anything is timed
-        engine.start(sorted({t.agent_id for t in runner.templates.values()} | {runner.decider.agent_id}))
+        placed = engine.start(sorted({t.agent_id for t in runner.templates.values()} | {runner.decider.agent_id}))
+        tqdm.write("ray actors: " + ", ".join(f"{a} pid {i['pid']} GPU {','.join(i['gpu_ids']) or '-'}" for a, i in placed.items()))
     batch, rows = c.concurrency, []
     bar = tqdm(total=len(todo), desc=f"{c.workload}/{mode}", disable=not progress)
     serving = c.batch_decode and c.cluster is None and lm is not None

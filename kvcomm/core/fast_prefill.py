@@ -12,7 +12,14 @@ import warnings
 
 import torch
 
-from kvcomm.core.fast_decode import FastDecodeUnavailable, bucket, choose_path, chunk_bucket, decoder_for
+from kvcomm.core.fast_decode import (
+    DecoderBusy,
+    FastDecodeUnavailable,
+    bucket,
+    choose_path,
+    chunk_bucket,
+    decoder_for,
+)
 
 # A short forward on the static cache reads every slot of the bucket in every layer, where the eager
 # prefill reads only what each layer holds (a receiver's unselected layers: its own few tokens). Measured
@@ -36,7 +43,7 @@ def short_forward(lm, cache, ids: torch.Tensor, start: int, fast: bool | None = 
     """The last position's logits of `ids` [1, n] run after `cache` on the static path, and the path
     ('static' or 'graph'); None where the eager prefill must run (CPU by default, too many tokens, a
     bucket over MAX_SHORT_FORWARD_BYTES, a cache or model the static path cannot hold, a failed
-    capture). `cache` gains the new tokens' KV."""
+    capture, the static cache busy with another thread's decode). `cache` gains the new tokens' KV."""
     q = chunk_bucket(ids.shape[1])
     if q is None or static_bytes(cache, q) > MAX_SHORT_FORWARD_BYTES:
         return None
@@ -48,6 +55,8 @@ def short_forward(lm, cache, ids: torch.Tensor, start: int, fast: bool | None = 
         return None
     try:
         return decoder.prefill(cache, ids, start), path
+    except DecoderBusy:  # another thread is decoding on the static cache: do not wait for its reply
+        return None
     except FastDecodeUnavailable as e:
         warnings.warn(f"kvcomm: fast prefill off for this model ({e}); prefilling eagerly", stacklevel=2)
         return None

@@ -101,6 +101,21 @@ def test_eager_where_the_static_path_does_not_apply(tiny, monkeypatch):
         assert last_prefill_path() == "eager"
 
 
+def test_eager_instead_of_waiting_while_another_thread_decodes(tiny):
+    """The static cache is busy (another thread decoding a reply): the short prefill runs eagerly at once,
+    same logits, and takes the static path again once the cache is free."""
+    _, past, _ = prefill(tiny, rand_ids(23, seed=2))
+    decoder = fast_decode.decoder_for(tiny, graphs=False)
+    q = rand_ids(5, seed=9)
+    want, _, _ = prefill(tiny, q, clone(past), fast=False)
+    with decoder.lock:
+        got, _, _ = prefill(tiny, q, clone(past), fast=True)
+        assert last_prefill_path() == "eager"
+    torch.testing.assert_close(got, want)
+    prefill(tiny, q, clone(past), fast=True)
+    assert last_prefill_path() == "static"
+
+
 def test_eager_when_the_static_bucket_is_too_large(tiny, monkeypatch):
     """Above MAX_SHORT_FORWARD_BYTES of static KV (the bucket, every layer) the eager prefill is cheaper."""
     _, past, _ = prefill(tiny, rand_ids(20, seed=9))

@@ -264,14 +264,15 @@ class ReplicaPool(AnchorPool):
         return True
 
     # ---- the KVPool interface ----------------------------------------------------------------------
-    def match(self, name: str, agent_key: str, base: KVBlock) -> Match | None:
-        if not self._synced or agent_key not in self.agent_keys:
-            if self.lost:
-                return None
-            self._sync(agent_key)
+    def match_many(self, queries: list[tuple[str, str, KVBlock]]) -> list[Match | None]:
+        for agent_key in dict.fromkeys(q[1] for q in queries):
+            if not self._synced or agent_key not in self.agent_keys:
+                if self.lost:
+                    break
+                self._sync(agent_key)
         if self.lost:
-            return None
-        return super().match(name, agent_key, base)
+            return [None] * len(queries)
+        return super().match_many(queries)
 
     def record_use(self, name: str, keys: list[str]) -> None:
         self._uses.append((name, list(keys)))  # counted by the pool actor, which alone evicts

@@ -168,14 +168,6 @@ def _blend(parts: list[torch.Tensor], weights: torch.Tensor, dtype: torch.dtype)
     return out.to(dtype)
 
 
-def _softmax_entropy(d: torch.Tensor, tau: float) -> tuple[torch.Tensor, float, list[float]]:
-    """Softmax weights of −d/τ, their entropy and the weights as floats, in one device-to-host copy."""
-    w = torch.softmax(-d / tau, dim=0)
-    h = -(w * torch.log(w.clamp_min(1e-30))).sum()
-    host = torch.cat([h.view(1), w]).tolist()
-    return w, host[0], host[1:]
-
-
 @dataclass
 class PoolStats:
     anchors: int
@@ -209,6 +201,7 @@ class KVPool(Protocol):
     """What an engine needs of a pool: the local `AnchorPool` or a Ray agent's `ReplicaPool`."""
 
     def match(self, name: str, agent_key: str, base: KVBlock) -> Match | None: ...
+    def match_many(self, queries: list[tuple[str, str, KVBlock]]) -> list[Match | None]: ...
     def stage(self, request, name: str, key: str, base: KVBlock, agent_key: str, delta: AgentDelta) -> None: ...
     def commit(self, request) -> None: ...
     def discard(self, request) -> None: ...
@@ -240,6 +233,31 @@ class AnchorPool:
     # ---- reading -------------------------------------------------------------------------------
     def match(self, name: str, agent_key: str, base: KVBlock) -> Match | None:
         """Offsets for content `base` of placeholder `name` in the agent's prompt, or None (new anchor)."""
+        return self.match_many([(name, agent_key, base)])[0]
+
+    def match_many(self, queries: list[tuple[str, str, KVBlock]]) -> list[Match | None]:
+        """`match` for several (placeholder, agent key, base) at once, as one call's placeholders come:
+        every distance and entropy is queued on the device first and read back in one copy, then the
+        shareable ones get their offsets (one host sync per call instead of one per placeholder)."""
+        pending = [self._weigh(*q) for q in queries]
+        live = [p for p in pending if p is not None]
+        host = torch.cat([torch.cat([p["h"].view(1), p["w"]]) for p in live]).tolist() if live else []
+        out, at = [], 0
+        for p in pending:
+            if p is None:
+                out.append(None)
+                continue
+            a = len(p["cands"])
+            entropy, weights = host[at], host[at + 1 : at + 1 + a]
+            at += 1 + a
+            if a > 1 and entropy > self.gamma * math.log(a):
+                out.append(None)
+            else:
+                out.append(self._offsets(p, entropy, weights))
+        return out
+
+    def _weigh(self, name: str, agent_key: str, base: KVBlock) -> dict | None:
+        """Candidates, distances and the global softmax weights (on the device) for one query, or None."""
         n = base.n
         with self._lock:
             cands = [a for a in self._anchors.get(name, {}).values() if agent_key in a.deltas and a.base.n >= n]
@@ -249,20 +267,23 @@ class AnchorPool:
         d_tok, d_ch, mean_sq = _square_distances(base.v, [a.base.v[:, :, :n] for a, _ in cands])  # [A, n], [A, L, H, D]
         scale = mean_sq.sqrt().clamp_min(1e-6)
         d_global = d_tok.mean(1).sqrt() / scale  # every token has as many entries: the mean of means
-        w, entropy, weights = _softmax_entropy(d_global, self.tau)
-        if len(cands) > 1 and entropy > self.gamma * math.log(len(cands)):
-            return None
+        w = torch.softmax(-d_global / self.tau, dim=0)
+        h = -(w * torch.log(w.clamp_min(1e-30))).sum()
+        return {"name": name, "base": base, "cands": cands, "d_tok": d_tok, "d_ch": d_ch, "scale": scale, "w": w, "h": h}
+
+    def _offsets(self, p: dict, entropy: float, weights: list[float]) -> Match:
+        base, cands, scale, n = p["base"], p["cands"], p["scale"], p["base"].n
         # per-token weights for the placeholder: distance over layers, heads, channels at each token
-        w_tok = torch.softmax(-(d_tok.sqrt() / scale) / self.tau, dim=0)[:, None, None, :, None]  # [A, 1, 1, n, 1]
+        w_tok = torch.softmax(-(p["d_tok"].sqrt() / scale) / self.tau, dim=0)[:, None, None, :, None]  # [A, 1, 1, n, 1]
         dphi = [_as_stored(dl.placeholder) for _, dl in cands]
         placeholder = KVBlock(_blend([b.k[:, :, :n] for b in dphi], w_tok, base.k.dtype),
                               _blend([b.v[:, :, :n] for b in dphi], w_tok, base.v.dtype))
         # per (layer, head, channel) weights for the following segment: distance over tokens
-        w_ch = torch.softmax(-(d_ch.sqrt() / scale) / self.tau, dim=0)[:, :, :, None, :]  # [A, L, H, 1, D]
+        w_ch = torch.softmax(-(p["d_ch"].sqrt() / scale) / self.tau, dim=0)[:, :, :, None, :]  # [A, L, H, 1, D]
         segs = [_as_stored(dl.segment) for _, dl in cands]
         segment = KVBlock(_blend([b.k for b in segs], w_ch, base.k.dtype), _blend([b.v for b in segs], w_ch, base.v.dtype))
-        self.record_use(name, [a.key for (a, _), weight in zip(cands, weights) if weight > 1.0 / (2 * len(cands))])
-        return Match(placeholder, segment, w, entropy, [a.key for a, _ in cands])
+        self.record_use(p["name"], [a.key for (a, _), weight in zip(cands, weights) if weight > 1.0 / (2 * len(cands))])
+        return Match(placeholder, segment, p["w"], entropy, [a.key for a, _ in cands])
 
     def record_use(self, name: str, keys: list[str]) -> None:
         """Count one match of placeholder `name` that used the anchors `keys` (weight above half of uniform):

@@ -289,9 +289,11 @@ class ReuseEngine:
         for name in agent.names:
             bases[name], n = self.base_kv(contents[name])
             prefilled += n
-            if cfg.offsets:
-                with record_function("kvcomm.reuse.match"):
-                    matches[name] = None if self.force_new_anchors else self.pool.match(name, agent_key, bases[name])
+        if cfg.offsets:
+            with record_function("kvcomm.reuse.match"):
+                found = ([None] * len(agent.names) if self.force_new_anchors else
+                         self.pool.match_many([(name, agent_key, bases[name]) for name in agent.names]))
+            matches = dict(zip(agent.names, found))
         if any(m is None for m in matches.values()):
             logits, cache = _run(lm, ids)
             self._record(agent, tkv, cache, spans, contents, bases, matches, agent_key, request)

@@ -33,7 +33,7 @@ def assemble(lm, p0: KVBlock, spans, pieces: list[KVBlock], offsets: list[KVBloc
     """The prompt's KV: exact `p0`, then one origin-frame piece per later span (plus its offset, when
     given), keys re-rotated to the spans' positions."""
     offsets = offsets or [None] * len(pieces)
-    if match_kernel.available(p0.k) and _importable():
+    if match_kernel.available(p0.k) and match_kernel.builds(_kernel):
         return _assemble_fused(lm, p0, spans, pieces, offsets)
     pieces = [add_offset(p, o) if o is not None else p for p, o in zip(pieces, offsets)]
     shifts = [torch.zeros(p0.n, dtype=torch.long)] + [torch.full((b - a,), a, dtype=torch.long) for _, a, b in spans[1:]]
@@ -63,15 +63,6 @@ def _assemble_fused(lm, p0: KVBlock, spans, pieces, offsets) -> KVBlock:
                                                *strides, k.stride(0), k.stride(1), k.stride(2),
                                                OFFSET=off is not None, BT=BLOCK_TOKENS, BD=next_pow2(D // 2))
     return KVBlock(k, v)
-
-
-@functools.cache
-def _importable() -> bool:
-    try:
-        _kernel()
-    except Exception:  # no Triton, or one too old: the eager path serves
-        return False
-    return True
 
 
 @functools.cache

@@ -99,9 +99,11 @@ def _interpreting() -> bool:
 
 
 @functools.cache
-def _importable() -> bool:
+def builds(factory) -> bool:
+    """Whether a kernel factory (`_kernels` here, `kvcomm.reuse.assembly._kernel`) imports Triton and
+    builds; asked once per factory (a failed import is not retried)."""
     try:
-        _kernels()
+        factory()
     except Exception:  # no Triton, or one too old: the eager path serves
         return False
     return True
@@ -111,7 +113,7 @@ def available(t: torch.Tensor) -> bool:
     """Whether the kernels run for tensors like `t` here (CUDA or the Triton interpreter, Triton importable)."""
     if os.environ.get("KVCOMM_TRITON", "1") == "0" or not (t.is_cuda or _interpreting()):
         return False
-    return _importable()
+    return builds(_kernels)
 
 
 def _channels_last_unit(t: torch.Tensor) -> torch.Tensor:

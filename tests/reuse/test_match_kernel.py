@@ -23,10 +23,10 @@ def device(monkeypatch):
         pytest.skip("no CUDA and no Triton for its interpreter")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     match_kernel._kernels.cache_clear()
-    match_kernel._importable.cache_clear()
+    match_kernel.builds.cache_clear()
     yield "cpu"
     match_kernel._kernels.cache_clear()
-    match_kernel._importable.cache_clear()
+    match_kernel.builds.cache_clear()
 
 
 def _eager(monkeypatch, fn, *args):

@@ -40,6 +40,7 @@ import torch
 from torch.profiler import record_function
 
 from kvcomm.core.attention import NAME as KVCOMM_ATTENTION
+from kvcomm.core.static_layers import as_stacked, stack_layers
 
 MIN_BUCKET = 256
 CHUNK_BUCKETS = (1, 16, 32, 64, 128)  # new-token counts with a captured prefill (1: a reused agent's last token); longer stay eager
@@ -173,6 +174,7 @@ class GraphDecoder:
         self.cache = self.graph = self.logits = None
         self.chunks: dict[int, _Chunk] = {}  # captured prefills per bucket, valid for the current static cache
         self._layout: tuple | None = None
+        self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # the static layers' common storage
         self.broken: str | None = None  # set when capture failed; callers then decode eagerly
 
     def _model_or_fail(self):
@@ -191,7 +193,7 @@ class GraphDecoder:
 
         if self.broken:
             raise FastDecodeUnavailable(self.broken)
-        self.cache = self.graph = self.logits = None  # free the old bucket before allocating the new one
+        self.cache = self.graph = self.logits = self.stacked = None  # free the old bucket before allocating the new one
         self.chunks = {}
         self.capacity, self._layout = 0, None
         size = bucket(need)
@@ -199,6 +201,7 @@ class GraphDecoder:
             static = StaticCache(config=model.config, max_cache_len=size)
             for layer, src in zip(static.layers, cache.layers):
                 layer.lazy_initialization(src.keys[:, :, :1], src.values[:, :, :1])
+            self.stacked = stack_layers(static)
             n_layers, dev = len(static.layers), self.device
             self.ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
             self.pos = torch.zeros(1, 1, dtype=torch.long, device=dev)
@@ -233,14 +236,36 @@ class GraphDecoder:
         return FastDecodeUnavailable(self.broken)
 
     def _copy_in(self, cache) -> None:
-        """The caller's cache into the first slots of each static layer (in place: graphs read fixed addresses)."""
+        """The caller's cache into the first slots of each static layer (in place: graphs read fixed addresses).
+
+        One copy for all layers when the caller's layers are evenly spaced slices of one tensor (a block's
+        views, or what `_append_to` left) and the static cache is stacked: 64 per-layer copies of an 8B
+        model were 1.3 ms of CPU-bound launches per call."""
+        src = as_stacked([layer.keys for layer in cache.layers]), as_stacked([layer.values for layer in cache.layers])
+        if self.stacked is not None and src[0] is not None and src[1] is not None:
+            n = src[0].shape[2]
+            self.stacked[0][:, 0, :, :n].copy_(src[0])
+            self.stacked[1][:, 0, :, :n].copy_(src[1])
+            return
         for layer, src in zip(self.cache.layers, cache.layers):
             n = src.keys.shape[-2]
             layer.keys[:, :, :n].copy_(src.keys)
             layer.values[:, :, :n].copy_(src.values)
 
     def _append_to(self, cache, lens: list[int], k: int) -> None:
-        """Static slots lens..lens+k of each layer appended to the caller's cache, once per layer."""
+        """Static slots lens..lens+k of each layer appended to the caller's cache.
+
+        With uniform lengths, a stacked static cache and plain dynamic layers (whose first lens slots the
+        static cache holds: `_copy_in` put them there under the same lock), one copy of all layers' slots
+        0..lens+k becomes the caller's layers (views of it) instead of one concatenation per layer."""
+        from transformers.cache_utils import DynamicLayer
+
+        if self.stacked is not None and len(set(lens)) == 1 and all(type(layer) is DynamicLayer for layer in cache.layers):
+            n = lens[0] + k
+            keys, values = (t[:, 0, :, :n].clone() for t in self.stacked)
+            for i, layer in enumerate(cache.layers):
+                layer.keys, layer.values = keys[i : i + 1], values[i : i + 1]
+            return
         for i, (layer, n) in enumerate(zip(self.cache.layers, lens)):
             cache.update(layer.keys[:, :, n : n + k], layer.values[:, :, n : n + k], i)
 
@@ -387,3 +412,4 @@ def release(lm) -> None:
     """Drop the model's decoders (static cache and graphs) to give their GPU memory back."""
     with _decoders_lock:
         _decoders.pop(lm.model, None)
+

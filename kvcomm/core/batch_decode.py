@@ -39,7 +39,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvcomm.core import fast_decode
+from kvcomm.core import fast_decode, graph_capture
 
 
 class BatchDecodeUnavailable(RuntimeError):
@@ -289,7 +289,7 @@ class DecodeServer:
 
     def _capture(self) -> None:
         """Capture one step (all rows free; admission sets the state)."""
-        self.graph = fast_decode.capture_graph(self._step)
+        self.graph = graph_capture.capture_graph(self._step)
         self.captures += 1
 
 

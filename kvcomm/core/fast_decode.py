@@ -40,11 +40,11 @@ import torch
 from torch.profiler import record_function
 
 from kvcomm.core.attention import NAME as KVCOMM_ATTENTION
+from kvcomm.core.graph_capture import capture_graph
 from kvcomm.core.static_layers import as_stacked, stack_layers
 
 MIN_BUCKET = 256
 CHUNK_BUCKETS = (1, 16, 32, 64, 128)  # new-token counts with a captured prefill (1: a reused agent's last token); longer stay eager
-WARMUP_STEPS = 3  # eager steps on a side stream before capture (allocator and library initialisation)
 
 
 class FastDecodeUnavailable(RuntimeError):
@@ -115,34 +115,6 @@ def _config_reason(model) -> str | None:
             plain = False
         _config_reasons[model] = None if plain else "model has sliding-window or non-attention cache layers"
     return _config_reasons[model]
-
-
-# Held while a graph is captured. A device-wide synchronize from another thread during a capture fails
-# and invalidates it (seen on an H100: agents with 8 worker threads timing their calls), so
-# `kvcomm.core.generation.sync` takes this lock too.
-capture_lock = threading.Lock()
-
-
-def capture_graph(step, reset=None, warmup: int = WARMUP_STEPS) -> torch.cuda.CUDAGraph:
-    """A CUDA graph of `step()` (device work only): `warmup` eager runs on a side stream (lazy kernel
-    and allocator set-up must not happen under capture), `reset()` before the warm-up and again before
-    the capture, then the capture in thread-local mode, since other threads may run eager work on the
-    same GPU meanwhile. Decoding (`GraphDecoder`) and batched decoding (`batch_decode`) both use it."""
-    with capture_lock:
-        if reset is not None:
-            reset()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        if reset is not None:
-            reset()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            step()
-    return graph
 
 
 @dataclass

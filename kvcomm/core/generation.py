@@ -15,7 +15,7 @@ import warnings
 
 import torch
 
-from kvcomm.core import batch_decode, fast_decode
+from kvcomm.core import batch_decode, fast_decode, graph_capture
 from kvcomm.core.attention import mask_zeros
 
 _last = threading.local()
@@ -29,7 +29,7 @@ def last_path() -> str | None:
 def sync(device: torch.device) -> None:
     """Wait for queued GPU work, so wall-clock timings measure it (no-op on CPU)."""
     if device.type == "cuda":
-        with fast_decode.capture_lock:  # never while another thread captures a graph (that would break it)
+        with graph_capture.capture_lock:  # never while another thread captures a graph (that would break it)
             torch.cuda.synchronize(device)
 
 

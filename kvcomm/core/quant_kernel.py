@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
+
+from kvcomm.core import triton_support
 
 BLOCK_ROWS = 16
 
@@ -65,26 +66,10 @@ def _kernel():
 
 
 def available(codes: torch.Tensor, precision: str) -> bool:
-    """Whether the kernel can dequantize `codes` here (CUDA, Triton importable, fp8 on sm_89+)."""
-    if os.environ.get("KVCOMM_TRITON", "1") == "0" or not codes.is_cuda and not _interpreting():
-        return False
-    if not _importable():
+    """Whether the kernel can dequantize `codes` here (`kvcomm.core.triton_support`; fp8 on sm_89+)."""
+    if not triton_support.wanted(codes) or not triton_support.builds(_kernel):
         return False
     return precision != "fp8" or not codes.is_cuda or torch.cuda.get_device_capability(codes.device) >= (8, 9)
-
-
-@functools.cache
-def _importable() -> bool:
-    """Triton imports and the kernel builds (asked once per process: a failed import is not cached)."""
-    try:
-        _kernel()
-    except Exception:  # no Triton, or one too old for this kernel: the eager path serves
-        return False
-    return True
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def dequantize(q, group: int, dtype: torch.dtype, nan_flags: torch.Tensor | None = None) -> torch.Tensor:

@@ -16,9 +16,9 @@ import functools
 
 import torch
 
+from kvcomm.core import triton_support
 from kvcomm.core.kv import KVBlock
 from kvcomm.core.rope import rerotate, rotation
-from kvcomm.reuse import match_kernel
 
 BLOCK_TOKENS = 32
 
@@ -33,7 +33,7 @@ def assemble(lm, p0: KVBlock, spans, pieces: list[KVBlock], offsets: list[KVBloc
     """The prompt's KV: exact `p0`, then one origin-frame piece per later span (plus its offset, when
     given), keys re-rotated to the spans' positions."""
     offsets = offsets or [None] * len(pieces)
-    if match_kernel.available(p0.k) and match_kernel.builds(_kernel):
+    if triton_support.wanted(p0.k) and triton_support.builds(_kernel):
         return _assemble_fused(lm, p0, spans, pieces, offsets)
     pieces = [add_offset(p, o) if o is not None else p for p, o in zip(pieces, offsets)]
     shifts = [torch.zeros(p0.n, dtype=torch.long)] + [torch.full((b - a,), a, dtype=torch.long) for _, a, b in spans[1:]]

@@ -23,9 +23,10 @@ Used on CUDA when Triton imports (`available`), else `kvcomm.reuse.anchors` runs
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+
+from kvcomm.core import triton_support
 
 MAX_PARTS = 4  # anchors' offsets summed per launch
 BLOCK_TOKENS = 32
@@ -94,26 +95,9 @@ def _kernels():
     return sq_dist, weighted_sum, triton.next_power_of_2, triton.cdiv
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@functools.cache
-def builds(factory) -> bool:
-    """Whether a kernel factory (`_kernels` here, `kvcomm.reuse.assembly._kernel`) imports Triton and
-    builds; asked once per factory (a failed import is not retried)."""
-    try:
-        factory()
-    except Exception:  # no Triton, or one too old: the eager path serves
-        return False
-    return True
-
-
 def available(t: torch.Tensor) -> bool:
-    """Whether the kernels run for tensors like `t` here (CUDA or the Triton interpreter, Triton importable)."""
-    if os.environ.get("KVCOMM_TRITON", "1") == "0" or not (t.is_cuda or _interpreting()):
-        return False
-    return builds(_kernels)
+    """Whether the kernels run for tensors like `t` here (`kvcomm.core.triton_support`)."""
+    return triton_support.wanted(t) and triton_support.builds(_kernels)
 
 
 def _channels_last_unit(t: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import make_tiny
 
+from kvcomm.core import triton_support
 from kvcomm.core.kv import KVBlock, move
 from kvcomm.reuse import assembly, match_kernel
 
@@ -49,7 +50,7 @@ def test_fused_assembly_matches_the_eager_path(monkeypatch, arch, dtype):
         if importlib.util.find_spec("triton") is None:
             pytest.skip("no CUDA and no Triton for its interpreter")
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-    for f in (match_kernel._kernels, match_kernel.builds, assembly._kernel):
+    for f in (match_kernel._kernels, triton_support.builds, assembly._kernel):
         f.cache_clear()
     lm = make_tiny(arch)
     if torch.cuda.is_available():
@@ -57,12 +58,12 @@ def test_fused_assembly_matches_the_eager_path(monkeypatch, arch, dtype):
         lm = type(lm)(lm.model, lm.tokenizer, lm.name, torch.device("cuda"), lm.dtype)
     g = torch.Generator().manual_seed(1)
     p0, spans, pieces, offsets = _case(lm, dtype, g)
-    assert match_kernel.available(p0.k) and match_kernel.builds(assembly._kernel)
+    assert triton_support.wanted(p0.k) and triton_support.builds(assembly._kernel)
     got = assembly.assemble(lm, p0, spans, pieces, offsets)
     monkeypatch.setenv("KVCOMM_TRITON", "0")
     want = assembly.assemble(lm, p0, spans, pieces, offsets)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(got.k.float(), want.k.float(), **tol)
     torch.testing.assert_close(got.v.float(), want.v.float(), **tol)
-    for f in (match_kernel._kernels, match_kernel.builds, assembly._kernel):
+    for f in (match_kernel._kernels, triton_support.builds, assembly._kernel):
         f.cache_clear()

@@ -10,6 +10,7 @@ import importlib.util
 import pytest
 import torch
 
+from kvcomm.core import triton_support
 from kvcomm.reuse import anchors as anchors_mod
 from kvcomm.reuse import match_kernel
 
@@ -23,10 +24,10 @@ def device(monkeypatch):
         pytest.skip("no CUDA and no Triton for its interpreter")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     match_kernel._kernels.cache_clear()
-    match_kernel.builds.cache_clear()
+    triton_support.builds.cache_clear()
     yield "cpu"
     match_kernel._kernels.cache_clear()
-    match_kernel.builds.cache_clear()
+    triton_support.builds.cache_clear()
 
 
 def _eager(monkeypatch, fn, *args):

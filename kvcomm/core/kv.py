@@ -71,25 +71,30 @@ def cache_to_block(cache, a: int = 0, b: int | None = None) -> KVBlock:
                    torch.cat([layer.values[:, :, a:b] for layer in cache.layers], 0))
 
 
-def block_to_cache(lm, block: KVBlock | None = None):
-    """A DynamicCache holding `block` (empty when None).
+def hold(cache, i: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Put `k`, `v` [1, kv_heads, n, head_dim] into layer `i` of a fresh transformers cache.
 
-    Plain dynamic layers hold views of the block's tensors, not copies: `DynamicLayer.update` only ever
+    A plain dynamic layer holds them as they are, not copies: `DynamicLayer.update` only ever
     concatenates (a new tensor), so nothing writes into them, and on an 8B model a 3.5K-token reused
     prompt no longer costs a copy of its 460 MB of KV per call. Other layer types take `update`."""
-    from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
+
+    layer = cache.layers[i]
+    if type(layer) is DynamicLayer:
+        layer.update(k[:, :, :0], v[:, :, :0])  # initialised as this transformers version does it
+        layer.keys, layer.values = k, v
+    else:
+        cache.update(k, v, i)
+
+
+def block_to_cache(lm, block: KVBlock | None = None):
+    """A DynamicCache holding `block` (empty when None), without copying it (`hold`)."""
+    from transformers import DynamicCache
 
     cache = DynamicCache(config=lm.model.config)
     if block is not None and block.n:
         for i in range(block.k.shape[0]):
-            k, v = block.k[i : i + 1], block.v[i : i + 1]
-            layer = cache.layers[i]
-            if type(layer) is DynamicLayer:
-                layer.update(k[:, :, :0], v[:, :, :0])  # initialised as this transformers version does it
-                layer.keys, layer.values = k, v
-            else:
-                cache.update(k, v, i)
+            hold(cache, i, block.k[i : i + 1], block.v[i : i + 1])
     return cache
 
 

@@ -26,7 +26,7 @@ from kvcomm.core.attention import ImportanceRecorder
 from kvcomm.core.fingerprint import fingerprint
 from kvcomm.core.generation import greedy_continue, sync
 from kvcomm.core.generation import stop_ids as default_stop_ids
-from kvcomm.core.kv import ids_tensor, prefill
+from kvcomm.core.kv import hold, ids_tensor, prefill
 from kvcomm.core.message import KVMessage
 from kvcomm.core.models import LoadedModel
 from kvcomm.core.rope import rerotate
@@ -71,7 +71,7 @@ def build_prefix_cache(lm: LoadedModel, messages: list[KVMessage]):
         parts = per_layer[layer]
         k = (parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts], dim=-2)) if parts else empty
         v = (parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts], dim=-2)) if parts else empty
-        cache.update(k, v, layer)
+        hold(cache, layer, k, v)  # no copy of a single sender's KV
     return cache, offset
 
 

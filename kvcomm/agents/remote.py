@@ -83,9 +83,10 @@ class AgentActor:
             self.pool.begin(agent.pool_key)  # the replica's one sync, sent before the incoming KV is decoded
         refs = {name: src for name, (_, src) in contents.items() if isinstance(src, ray.ObjectRef)}
         fetched = dict(zip(refs, ray.get(list(refs.values())))) if refs else {}
-        local = {}
+        local, incoming = {}, 0
         for name, (ids, src) in contents.items():
             data = fetched.get(name, src)
+            incoming += len(data) if data is not None else 0
             base = block_from_bytes(data, self.fp, self.lm.device, self.lm.dtype) if data is not None else None
             local[name] = Content(list(ids), base)
         res = self.engine.call(agent, local, request)
@@ -98,8 +99,6 @@ class AgentActor:
                   "total_s": res.total_s, "prompt_tokens": res.prompt_tokens, "prefilled_tokens": res.prefilled_tokens,
                   "matched": res.matched, "new_bases": new_bases}
         reply = block_to_bytes(res.reply.base, self.fp, "reply", wire) if res.reply.base is not None else None
-        incoming = sum(len(fetched.get(name, src) or b"") for name, (_, src) in contents.items()
-                       if isinstance(fetched.get(name, src), bytes | bytearray))
         record["wire_bytes"] = (incoming + sum(map(len, new_bases.values())) + (len(reply) if reply else 0)
                                 + self.pool.wire_bytes - pool_bytes)
         return record, reply

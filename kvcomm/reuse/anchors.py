@@ -169,6 +169,21 @@ def _blend(parts: list[torch.Tensor], weights: torch.Tensor, dtype: torch.dtype)
 
 
 @dataclass
+class _Weighed:
+    """One query's candidates, distances ([A, n], [A, L, H, D]), scale and global weights and entropy, on
+    the device, between `AnchorPool._weigh` and `AnchorPool._offsets`."""
+
+    name: str
+    base: KVBlock
+    cands: list[tuple[Anchor, AgentDelta]]
+    d_tok: torch.Tensor
+    d_ch: torch.Tensor
+    scale: torch.Tensor
+    w: torch.Tensor
+    h: torch.Tensor
+
+
+@dataclass
 class PoolStats:
     anchors: int
     bytes: int
@@ -241,13 +256,13 @@ class AnchorPool:
         shareable ones get their offsets (one host sync per call instead of one per placeholder)."""
         pending = [self._weigh(*q) for q in queries]
         live = [p for p in pending if p is not None]
-        host = torch.cat([torch.cat([p["h"].view(1), p["w"]]) for p in live]).tolist() if live else []
+        host = torch.cat([torch.cat([p.h.view(1), p.w]) for p in live]).tolist() if live else []
         out, at = [], 0
         for p in pending:
             if p is None:
                 out.append(None)
                 continue
-            a = len(p["cands"])
+            a = len(p.cands)
             entropy, weights = host[at], host[at + 1 : at + 1 + a]
             at += 1 + a
             if a > 1 and entropy > self.gamma * math.log(a):
@@ -256,7 +271,7 @@ class AnchorPool:
                 out.append(self._offsets(p, entropy, weights))
         return out
 
-    def _weigh(self, name: str, agent_key: str, base: KVBlock) -> dict | None:
+    def _weigh(self, name: str, agent_key: str, base: KVBlock) -> _Weighed | None:
         """Candidates, distances and the global softmax weights (on the device) for one query, or None."""
         n = base.n
         with self._lock:
@@ -269,21 +284,21 @@ class AnchorPool:
         d_global = d_tok.mean(1).sqrt() / scale  # every token has as many entries: the mean of means
         w = torch.softmax(-d_global / self.tau, dim=0)
         h = -(w * torch.log(w.clamp_min(1e-30))).sum()
-        return {"name": name, "base": base, "cands": cands, "d_tok": d_tok, "d_ch": d_ch, "scale": scale, "w": w, "h": h}
+        return _Weighed(name, base, cands, d_tok, d_ch, scale, w, h)
 
-    def _offsets(self, p: dict, entropy: float, weights: list[float]) -> Match:
-        base, cands, scale, n = p["base"], p["cands"], p["scale"], p["base"].n
+    def _offsets(self, p: _Weighed, entropy: float, weights: list[float]) -> Match:
+        base, cands, scale, n = p.base, p.cands, p.scale, p.base.n
         # per-token weights for the placeholder: distance over layers, heads, channels at each token
-        w_tok = torch.softmax(-(p["d_tok"].sqrt() / scale) / self.tau, dim=0)[:, None, None, :, None]  # [A, 1, 1, n, 1]
+        w_tok = torch.softmax(-(p.d_tok.sqrt() / scale) / self.tau, dim=0)[:, None, None, :, None]  # [A, 1, 1, n, 1]
         dphi = [_as_stored(dl.placeholder) for _, dl in cands]
         placeholder = KVBlock(_blend([b.k[:, :, :n] for b in dphi], w_tok, base.k.dtype),
                               _blend([b.v[:, :, :n] for b in dphi], w_tok, base.v.dtype))
         # per (layer, head, channel) weights for the following segment: distance over tokens
-        w_ch = torch.softmax(-(p["d_ch"].sqrt() / scale) / self.tau, dim=0)[:, :, :, None, :]  # [A, L, H, 1, D]
+        w_ch = torch.softmax(-(p.d_ch.sqrt() / scale) / self.tau, dim=0)[:, :, :, None, :]  # [A, L, H, 1, D]
         segs = [_as_stored(dl.segment) for _, dl in cands]
         segment = KVBlock(_blend([b.k for b in segs], w_ch, base.k.dtype), _blend([b.v for b in segs], w_ch, base.v.dtype))
-        self.record_use(p["name"], [a.key for (a, _), weight in zip(cands, weights) if weight > 1.0 / (2 * len(cands))])
-        return Match(placeholder, segment, p["w"], entropy, [a.key for a, _ in cands])
+        self.record_use(p.name, [a.key for (a, _), weight in zip(cands, weights) if weight > 1.0 / (2 * len(cands))])
+        return Match(placeholder, segment, p.w, entropy, [a.key for a, _ in cands])
 
     def record_use(self, name: str, keys: list[str]) -> None:
         """Count one match of placeholder `name` that used the anchors `keys` (weight above half of uniform):

@@ -50,12 +50,15 @@ def load(spec: str, device: str | None, dtype: str | None):
 
 
 def run_path(lm, path: str, block, logits, n: int, tokens: int, repeats: int) -> dict:
-    """Time one path; returns its row (or why it did not run)."""
-    if path == "graph" and lm.device.type != "cuda":
+    """Time one path; returns its row (or why it did not run). `graph+compile` / `static+compile`: the
+    same path with the forward through torch.compile (`KVCOMM_COMPILE=1`; the first call compiles)."""
+    base, _, compiled = path.partition("+")
+    if base == "graph" and lm.device.type != "cuda":
         return {"path": path, "ran": "unavailable: CUDA graphs need a CUDA device"}
-    env = os.environ.get("KVCOMM_FAST_DECODE")
-    os.environ["KVCOMM_FAST_DECODE"] = "static" if path == "static" else "1"
-    fast = {"eager": False, "graph": True, "static": None}[path]
+    env, env_compile = os.environ.get("KVCOMM_FAST_DECODE"), os.environ.get("KVCOMM_COMPILE")
+    os.environ["KVCOMM_FAST_DECODE"] = "static" if base == "static" else "1"
+    os.environ["KVCOMM_COMPILE"] = "1" if compiled == "compile" else "0"
+    fast = {"eager": False, "graph": True, "static": None}[base]
     try:
         times, out, ran = [], None, None
         for _ in range(repeats + 1):
@@ -65,16 +68,51 @@ def run_path(lm, path: str, block, logits, n: int, tokens: int, repeats: int) ->
             out = greedy_continue(lm, cache, logits, n, tokens, set(), feed_last=True, fast=fast)
             sync(lm.device)
             times.append(time.perf_counter() - t)
-            ran = last_path()
+            ran = last_path() + ("+compile" if compiled and last_path() != "eager" else "")
         steady = times[1:]
         return {"path": path, "ran": ran, "tokens": out, "first_call_s": times[0],
                 "ms_per_token": statistics.median(steady) / tokens * 1e3,
                 "ms_per_token_min": min(steady) / tokens * 1e3, "repeats": len(steady)}
     finally:
-        if env is None:
-            os.environ.pop("KVCOMM_FAST_DECODE", None)
-        else:
-            os.environ["KVCOMM_FAST_DECODE"] = env
+        for name, value in (("KVCOMM_FAST_DECODE", env), ("KVCOMM_COMPILE", env_compile)):
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def profile_steps(lm, block, logits, n: int, steps: int, compiled: bool) -> dict:
+    """CUDA kernels of `steps` decode steps on the static path without a graph (a graph hides its kernels
+    from the profiler; it replays the same ones): per kernel name, launches and GPU time per step, and
+    the sum, which is what a graph replay costs at best."""
+    from torch.profiler import ProfilerActivity, profile
+
+    os.environ["KVCOMM_FAST_DECODE"], os.environ["KVCOMM_COMPILE"] = "static", "1" if compiled else "0"
+    try:
+        for _ in range(2):  # compile, allocate
+            greedy_continue(lm, block_to_cache(lm, block), logits, n, steps, set(), feed_last=True)
+        cache = block_to_cache(lm, block)
+        sync(lm.device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            greedy_continue(lm, cache, logits, n, steps, set(), feed_last=True)
+            sync(lm.device)
+    finally:
+        os.environ.pop("KVCOMM_FAST_DECODE", None)
+        os.environ.pop("KVCOMM_COMPILE", None)
+    kernels: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels.setdefault(e.name[:90], [0, 0.0])
+            k[0] += 1
+            k[1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+    rows = sorted(({"kernel": name, "launches_per_step": c / steps, "us_per_step": t / steps}
+                   for name, (c, t) in kernels.items()), key=lambda r: -r["us_per_step"])
+    total = sum(r["us_per_step"] for r in rows)
+    print(f"\nstatic path{' + compile' if compiled else ''}: {sum(r['launches_per_step'] for r in rows):.0f} kernels and "
+          f"{total / 1e3:.2f} ms of GPU time per step (profiler, {steps} steps); top kernels:")
+    for r in rows[:15]:
+        print(f"  {r['us_per_step']:8.1f} us  x{r['launches_per_step']:5.0f}  {r['kernel']}")
+    return {"compiled": compiled, "ms_per_step": total / 1e3, "kernels": rows[:40]}
 
 
 def run_batch(lm, prompts: list, tokens: int, repeats: int) -> list[dict]:
@@ -129,10 +167,12 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=3500)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--paths", default="eager,graph,static", help="comma-separated: eager, graph, static")
+    ap.add_argument("--paths", default="eager,graph,static", help="comma-separated: eager, graph, static, graph+compile, static+compile")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=0,
                     help="B > 0: B concurrent requests through a batch_decode server vs B sequential decodes")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="also list the CUDA kernels of STEPS static-path steps, plain and compiled")
     ap.add_argument("--out", default=None, help="write the rows and the set-up as JSON here")
     args = ap.parse_args()
 
@@ -163,6 +203,7 @@ def main() -> None:
     rows = []
     for path in [p.strip() for p in args.paths.split(",") if p.strip()]:
         rows.append(run_path(lm, path, block, logits[0, -1], args.context, args.tokens, args.repeats))
+    profiles = [profile_steps(lm, block, logits[0, -1], args.context, args.profile, c) for c in (False, True)] if args.profile else []
     eager = next((r["tokens"] for r in rows if r.get("ran") == "eager"), None)
     print("\n| path | ran as | ms/token (median) | min | tokens/s | first call s | speed-up | same tokens as eager |")
     print("|---|---|---|---|---|---|---|---|")
@@ -185,7 +226,7 @@ def main() -> None:
                  "bucket": fast_decode.bucket(args.context + args.tokens),
                  "torch": torch.__version__, "transformers": transformers.__version__}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
+        Path(args.out).write_text(json.dumps({"setup": setup, "rows": rows, "profiles": profiles}, indent=1))
         print(f"\nwrote {args.out}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -42,10 +43,15 @@ def add_parser(sub) -> None:
                         "(e.g. dense,reuse,blend@0.05,blend@0.15,blend@0.3); a trailing +defer (reuse+defer) runs agent 1 on its "
                         "cached prefix and encodes the question's base KV after its first token")
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of one reuse call and one receiver prefill")
+    p.add_argument("--compile", action="store_true",
+                   help="short forwards and decode steps through torch.compile before capture (KVCOMM_COMPILE=1); "
+                        "tens of seconds of compilation per new shape, then fewer kernels per step")
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args) -> int:
+    if args.compile:
+        os.environ["KVCOMM_COMPILE"] = "1"
     if args.profile:
         print(profile_calls(args.preset, Path(args.out), args.device))
         return 0

@@ -9,8 +9,9 @@ Registered through transformers' public `AttentionInterface` (no monkey-patching
    `key_len` columns. Since the mask is causal over the receiver's tokens, the right-aligned slice is
    the correct causal mask for every layer. When the mask and the keys have the same length (every
    ordinary call) this is exactly SDPA.
-   A static cache (`kvcomm.core.fast_decode`) instead passes `kvcomm_layer_masks`, one mask per
-   layer over the same preallocated key slots, which each layer picks by its index.
+   A static cache (`kvcomm.core.fast_decode`) instead passes `kvcomm_layer_lens`, each layer's filled
+   length, to a split-key Triton kernel (`kvcomm.core.decode_attention`), or where that kernel cannot
+   run `kvcomm_layer_masks`, one mask per layer over the same preallocated key slots.
 2. **Grouped-query attention with a mask, without copying keys.** transformers repeats every key and
    value head for the query heads that share it (`repeat_kv`) whenever a mask is passed, a copy of the
    whole cache per layer and call; over a static cache of L slots that copy dominates a short forward
@@ -63,6 +64,12 @@ def kvcomm_attention(module, query, key, value, attention_mask, scaling=None, **
 
     recorder: ImportanceRecorder | None = kwargs.pop("kvcomm_recorder", None)
     layer_masks: torch.Tensor | None = kwargs.pop("kvcomm_layer_masks", None)
+    layer_lens: torch.Tensor | None = kwargs.pop("kvcomm_layer_lens", None)
+    if layer_lens is not None:  # fast_decode's static cache with per-layer filled lengths: no mask needed
+        from kvcomm.core import decode_attention
+
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return decode_attention.attend(query, key, value, layer_lens, module.layer_idx, scale), None
     if layer_masks is not None:  # [layers, 1, 1, q, keys]: one mask per layer (fast_decode's static cache)
         attention_mask = layer_masks[module.layer_idx]
     if attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:

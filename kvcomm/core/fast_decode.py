@@ -11,11 +11,11 @@ input buffers. A decode copies the caller's DynamicCache into the static tensors
 reads fixed addresses), runs the step once per token, and appends the new tokens' KV to the caller's
 cache once at the end, so callers see exactly what the eager loop leaves there.
 
-The step computes its own inputs on the device: per-layer additive masks over the L slots (0 up to
-each layer's current length, a large negative value after), and it writes the argmax back into the
-input-id buffer and advances the position. One mask per layer (through the `kvcomm` attention
-function's `kvcomm_layer_masks`) also serves ragged caches from selective sharing; a model with
-another attention function gets one shared mask and uniform caches only.
+The step computes its own inputs on the device: each layer's filled length (`lens`), which the `kvcomm`
+attention function hands to a split-key kernel (`kvcomm.core.decode_attention`; where Triton cannot run,
+per-layer additive masks over the L slots instead), and it writes the argmax back into the input-id
+buffer and advances the position. Per-layer lengths also serve ragged caches from selective sharing; a
+model with another attention function gets one shared mask and uniform caches only.
 
 Short prefills over a long cache (a KVComm receiver's question, a reused agent's own last tokens) take
 the same static cache (`kvcomm.core.fast_prefill` decides when): `GraphDecoder.prefill` pads the new tokens to a bucket of CHUNK_BUCKETS tokens and replays
@@ -26,6 +26,8 @@ the caller's cache, as the eager prefill leaves it.
 `graphs=False` runs the same static-cache steps eagerly, which is how CPU tests check them.
 `KVCOMM_FAST_DECODE` picks the path when callers do not: `0` eager everywhere, `static` the
 static cache without graphs on any device, anything else (default) graphs on CUDA and eager elsewhere.
+`KVCOMM_COMPILE=1` also runs the model's forward through `torch.compile` before capture (see
+`kvcomm.core.compiled`), fusing the small element-wise kernels a graph still launches one by one.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import record_function
 
+from kvcomm.core import compiled, decode_attention
 from kvcomm.core.attention import NAME as KVCOMM_ATTENTION
 from kvcomm.core.graph_capture import capture_graph
 from kvcomm.core.static_layers import as_stacked, stack_layers
@@ -135,12 +138,14 @@ class GraphDecoder:
     One per (model, graphs) via `decoder_for`; `decode` holds a lock, so threads that share a model
     take turns (the buffers are shared state)."""
 
-    def __init__(self, lm, graphs: bool):
+    def __init__(self, lm, graphs: bool, compile: bool = False):
         if graphs and lm.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device; use graphs=False")
         self._model = weakref.ref(lm.model)  # the registry is keyed by the model: no strong ref back
         self.device, self.dtype, self.graphs = lm.device, lm.dtype, graphs
+        self.forward = compiled.forward() if compile else compiled.plain_forward
         self.per_layer = lm.model.config._attn_implementation == KVCOMM_ATTENTION
+        self.lens_attention = False  # per-layer lengths to decode_attention instead of masks; set by _ensure
         self.lock = threading.Lock()
         self.capacity, self.captures = 0, 0
         self.cache = self.graph = self.logits = None
@@ -182,6 +187,8 @@ class GraphDecoder:
             # [layers, 1, 1, 1, L]; L is a power of two >= 256, so every row starts 16-element aligned
             self.masks = torch.zeros(n_layers, 1, 1, 1, size, dtype=self.dtype, device=dev)
         self.neg = torch.finfo(self.dtype).min
+        self.lens_attention = (self.per_layer and all(k == v for _, k, v in layout[0])
+                               and decode_attention.available(self.lens))
         self.cache = static
         if self.graphs:
             try:
@@ -192,15 +199,22 @@ class GraphDecoder:
 
     def _step(self, model) -> None:
         """One token: masks from lens, forward, argmax into ids, advance. No host sync, no data-dependent branch."""
-        self.masks.fill_(self.neg)
-        self.masks.masked_fill_(self.cols <= self.lens.view(-1, 1, 1, 1, 1), 0.0)
-        extra = {"kvcomm_layer_masks": self.masks} if self.per_layer else {}
-        out = model(input_ids=self.ids, position_ids=self.pos, attention_mask=self.masks[0],
-                    past_key_values=self.cache, use_cache=True, **extra)
+        extra = self._attention_inputs(self.masks, 0)
+        out = self.forward(model, input_ids=self.ids, position_ids=self.pos, attention_mask=self.masks[0],
+                           past_key_values=self.cache, use_cache=True, **extra)
         self.logits = out.logits[0, -1]  # under a graph: a static output, rewritten by every replay
         self.ids.copy_(self.logits.argmax().view(1, 1))
         self.pos.add_(1)
         self.lens.add_(1)
+
+    def _attention_inputs(self, masks: torch.Tensor, rows) -> dict:
+        """What each layer's attention needs to see slots 0..lens + j for new token j: the lengths
+        themselves (decode_attention), or masks filled from them (0 there, a large negative value after)."""
+        if self.lens_attention:
+            return {"kvcomm_layer_lens": self.lens}
+        masks.fill_(self.neg)
+        masks.masked_fill_(self.cols <= self.lens.view(-1, 1, 1, 1, 1) + rows, 0.0)
+        return {"kvcomm_layer_masks": masks} if self.per_layer else {}
 
     def _capture_failed(self, e: RuntimeError) -> FastDecodeUnavailable:
         """Drop the static cache and mark this decoder broken: its callers run eagerly from now on."""
@@ -290,11 +304,9 @@ class GraphDecoder:
         write slots come from `lens`, not from the cache's running count), so warm-up runs can repeat it."""
         for layer, n in zip(self.cache.layers, self.lens):
             layer.cumulative_length.copy_(n)
-        c.masks.fill_(self.neg)
-        c.masks.masked_fill_(self.cols <= self.lens.view(-1, 1, 1, 1, 1) + c.rows, 0.0)
-        extra = {"kvcomm_layer_masks": c.masks} if self.per_layer else {}
-        out = model(input_ids=c.ids, position_ids=c.pos, attention_mask=c.masks[0],
-                    past_key_values=self.cache, use_cache=True, logits_to_keep=0, **extra)
+        extra = self._attention_inputs(c.masks, c.rows)
+        out = self.forward(model, input_ids=c.ids, position_ids=c.pos, attention_mask=c.masks[0],
+                           past_key_values=self.cache, use_cache=True, logits_to_keep=0, **extra)
         c.logits = out.logits[0]  # [q, vocab]; under a graph a static output, rewritten by every replay
 
     @torch.no_grad()
@@ -372,12 +384,13 @@ _decoders_lock = threading.Lock()
 
 
 def decoder_for(lm, graphs: bool) -> GraphDecoder:
-    """The model's decoder (one per model and graph setting, kept while the model lives)."""
+    """The model's decoder (one per model, graph and compile setting, kept while the model lives)."""
+    key = (graphs, compiled.wanted())
     with _decoders_lock:
         per_model = _decoders.setdefault(lm.model, {})
-        dec = per_model.get(graphs)
+        dec = per_model.get(key)
         if dec is None or dec.device != lm.device or dec.dtype != lm.dtype:
-            dec = per_model[graphs] = GraphDecoder(lm, graphs)
+            dec = per_model[key] = GraphDecoder(lm, graphs, compile=key[1])
         return dec
 
 

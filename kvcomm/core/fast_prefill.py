@@ -12,6 +12,8 @@ import warnings
 
 import torch
 
+from kvcomm.core import decode_attention
+from kvcomm.core.attention import NAME as KVCOMM_ATTENTION
 from kvcomm.core.fast_decode import (
     DecoderBusy,
     FastDecodeUnavailable,
@@ -21,12 +23,15 @@ from kvcomm.core.fast_decode import (
     decoder_for,
 )
 
-# A short forward on the static cache reads every slot of the bucket in every layer, where the eager
-# prefill reads only what each layer holds (a receiver's unselected layers: its own few tokens). Measured
-# on an H100 (random-weight Llama-3.1-8B, 32-token question, 0.3-0.7 of the layers): 1.1 GB of static KV
-# (4K context, 8,192 slots) 18-21 ms against 26-44 ms eager; 4.3 GB (16K, 32,768 slots) 40-48 ms against
-# 29-49 ms. Above this size short prefills stay eager.
+# With masked SDPA (no Triton), a short forward on the static cache reads every slot of the bucket in every
+# layer, where the eager prefill reads only what each layer holds (a receiver's unselected layers: its own
+# few tokens). Measured on an H100 (random-weight Llama-3.1-8B, 32-token question, 0.3-0.7 of the layers):
+# 1.1 GB of static KV (4K context, 8,192 slots) 18-21 ms against 26-44 ms eager; 4.3 GB (16K, 32,768
+# slots) 40-48 ms against 29-49 ms. Above MAX_SHORT_FORWARD_BYTES such short prefills stay eager. The
+# split-key kernel (`kvcomm.core.decode_attention`) reads only filled slots, so with it the bound is the
+# static cache's memory alone (MAX_STATIC_BYTES).
 MAX_SHORT_FORWARD_BYTES = 2 << 30
+MAX_STATIC_BYTES = 16 << 30
 
 
 def static_bytes(cache, extra: int) -> int:
@@ -45,7 +50,8 @@ def short_forward(lm, cache, ids: torch.Tensor, start: int, fast: bool | None = 
     bucket over MAX_SHORT_FORWARD_BYTES, a cache or model the static path cannot hold, a failed
     capture, the static cache busy with another thread's decode). `cache` gains the new tokens' KV."""
     q = chunk_bucket(ids.shape[1])
-    if q is None or static_bytes(cache, q) > MAX_SHORT_FORWARD_BYTES:
+    kernel = lm.model.config._attn_implementation == KVCOMM_ATTENTION and decode_attention.available(ids)
+    if q is None or static_bytes(cache, q) > (MAX_STATIC_BYTES if kernel else MAX_SHORT_FORWARD_BYTES):
         return None
     path = choose_path(lm, cache, fast)
     if path == "eager":

@@ -14,7 +14,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from kvcomm.core import attention
+from kvcomm.core import attention, compiled, decode_attention
 from kvcomm.core.kv import cache_to_block, prefill
 from kvcomm.core.models import LoadedModel, pick_device, pick_dtype
 from kvcomm.reuse.engine import Content
@@ -106,4 +106,7 @@ def environment(lm) -> dict:
     if lm.device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(lm.device)
         env["sdpa_flash"] = torch.backends.cuda.flash_sdp_enabled()
+        probe = torch.empty(0, device=lm.device)
+        env["static_attention"] = "split-key Triton kernel" if decode_attention.available(probe) else "masked SDPA"
+    env["compiled_forwards"] = compiled.wanted()
     return env

@@ -117,13 +117,16 @@ def test_eager_instead_of_waiting_while_another_thread_decodes(tiny):
 
 
 def test_eager_when_the_static_bucket_is_too_large(tiny, monkeypatch):
-    """Above MAX_SHORT_FORWARD_BYTES of static KV (the bucket, every layer) the eager prefill is cheaper."""
+    """Above MAX_SHORT_FORWARD_BYTES of static KV (the bucket, every layer) the eager prefill is cheaper
+    (masked SDPA reads every slot; with the split-key kernel the bound is MAX_STATIC_BYTES, set alike)."""
     _, past, _ = prefill(tiny, rand_ids(20, seed=9))
     need = fast_prefill.static_bytes(past, 16)
     assert need == 256 * 4 * 2 * (16 + 16) * 4  # 256 slots x 4 layers x 2 heads x (k + v dims) x fp32
-    monkeypatch.setattr(fast_prefill, "MAX_SHORT_FORWARD_BYTES", need - 1)
+    for name in ("MAX_SHORT_FORWARD_BYTES", "MAX_STATIC_BYTES"):
+        monkeypatch.setattr(fast_prefill, name, need - 1)
     assert both(tiny, past, rand_ids(4, seed=1))[1][2] == "eager"
-    monkeypatch.setattr(fast_prefill, "MAX_SHORT_FORWARD_BYTES", need)
+    for name in ("MAX_SHORT_FORWARD_BYTES", "MAX_STATIC_BYTES"):
+        monkeypatch.setattr(fast_prefill, name, need)
     assert both(tiny, past, rand_ids(4, seed=1))[1][2] == "static"
 
 

@@ -15,6 +15,34 @@ WORDS = ("the a is at in of to and what which where who country city house river
          "five six seven eight nine ten red blue green cat dog sun moon").split()
 
 
+def clear_kernel_caches() -> None:
+    """Forget built Triton kernels and the 'does it build' answers (they differ in and out of the interpreter)."""
+    from kvcomm.core import decode_attention, quant_kernel, triton_support
+    from kvcomm.reuse import assembly, match_kernel
+
+    for factory in (triton_support.builds, match_kernel._kernels, decode_attention._kernels, assembly._kernel,
+                    quant_kernel._kernel):
+        factory.cache_clear()
+
+
+@pytest.fixture
+def kernel_device(monkeypatch):
+    """'cuda' where there is a GPU; else 'cpu' with Triton's interpreter on (skipped without Triton). For
+    the interpreter, Triton must not have been imported before TRITON_INTERPRET is set, or its language
+    helpers stay compiled-only: set TRITON_INTERPRET=1 for the whole run where something imports it first."""
+    import importlib.util
+
+    if torch.cuda.is_available():
+        yield "cuda"
+        return
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("no CUDA and no Triton for its interpreter")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    clear_kernel_caches()
+    yield "cpu"
+    clear_kernel_caches()
+
+
 def tiny_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

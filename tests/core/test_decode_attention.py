@@ -6,32 +6,20 @@ test_fast_decode.py (on CUDA, and on CPU under the interpreter below)."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 from conftest import make_tiny, rand_ids
 from test_fast_decode import assert_same_cache
 from test_fast_prefill import clone
 
-from kvcomm.core import decode_attention, fast_decode, triton_support
+from kvcomm.core import decode_attention, fast_decode
 from kvcomm.core.generation import greedy_continue
 from kvcomm.core.kv import last_prefill_path, prefill
 
 
 @pytest.fixture
-def device(monkeypatch):
-    if torch.cuda.is_available():
-        yield "cuda"
-        return
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("no CUDA and no Triton for its interpreter")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    triton_support.builds.cache_clear()
-    decode_attention._kernels.cache_clear()
-    yield "cpu"
-    triton_support.builds.cache_clear()
-    decode_attention._kernels.cache_clear()
+def device(kernel_device):
+    return kernel_device
 
 
 def masked_sdpa(query, key, value, filled: int, scaling: float) -> torch.Tensor:

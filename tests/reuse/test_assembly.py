@@ -8,11 +8,11 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import clear_kernel_caches, make_tiny
 
 from kvcomm.core import triton_support
 from kvcomm.core.kv import KVBlock, move
-from kvcomm.reuse import assembly, match_kernel
+from kvcomm.reuse import assembly
 
 
 def _case(lm, dtype, g):
@@ -50,8 +50,7 @@ def test_fused_assembly_matches_the_eager_path(monkeypatch, arch, dtype):
         if importlib.util.find_spec("triton") is None:
             pytest.skip("no CUDA and no Triton for its interpreter")
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-    for f in (match_kernel._kernels, triton_support.builds, assembly._kernel):
-        f.cache_clear()
+    clear_kernel_caches()
     lm = make_tiny(arch)
     if torch.cuda.is_available():
         lm.model.to("cuda")
@@ -65,5 +64,4 @@ def test_fused_assembly_matches_the_eager_path(monkeypatch, arch, dtype):
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(got.k.float(), want.k.float(), **tol)
     torch.testing.assert_close(got.v.float(), want.v.float(), **tol)
-    for f in (match_kernel._kernels, triton_support.builds, assembly._kernel):
-        f.cache_clear()
+    clear_kernel_caches()

@@ -5,29 +5,16 @@ Runs on CUDA, or on CPU in Triton's interpreter where Triton is installed; skipp
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
-from kvcomm.core import triton_support
 from kvcomm.reuse import anchors as anchors_mod
 from kvcomm.reuse import match_kernel
 
 
 @pytest.fixture
-def device(monkeypatch):
-    if torch.cuda.is_available():
-        yield "cuda"
-        return
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("no CUDA and no Triton for its interpreter")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    match_kernel._kernels.cache_clear()
-    triton_support.builds.cache_clear()
-    yield "cpu"
-    match_kernel._kernels.cache_clear()
-    triton_support.builds.cache_clear()
+def device(kernel_device):
+    return kernel_device
 
 
 def _eager(monkeypatch, fn, *args):

@@ -6,7 +6,16 @@ import argparse
 from pathlib import Path
 
 from kvcomm.agents.workloads import WORKLOADS
-from kvcomm.cli.common import add_model_args, bounded, console, load, positive_int, setting, shard
+from kvcomm.cli.common import (
+    add_model_args,
+    apply_compile,
+    bounded,
+    console,
+    load,
+    positive_int,
+    setting,
+    shard,
+)
 
 
 def add_parser(sub) -> None:
@@ -119,6 +128,7 @@ def cmd_agents(args) -> int:
     from kvcomm.experiments.agents_report import build_report, run_modes, summary_table, write_report
     from kvcomm.experiments.agents_shards import collect, shard_dir
 
+    apply_compile(args)  # before a local Ray cluster starts, so its actors inherit it too
     out, term = Path(args.out), console()
     if args.report_only:
         _, meta, rows = collect(out)

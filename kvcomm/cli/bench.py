@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import torch
 
-from kvcomm.cli.common import positive_int, setting
+from kvcomm.cli.common import add_compile_arg, apply_compile, positive_int, setting
 from kvcomm.experiments.bench import PARTS, BenchConfig, profile_calls, run_bench
 from kvcomm.experiments.bench_models import PRESETS
 
@@ -43,15 +42,12 @@ def add_parser(sub) -> None:
                         "(e.g. dense,reuse,blend@0.05,blend@0.15,blend@0.3); a trailing +defer (reuse+defer) runs agent 1 on its "
                         "cached prefix and encodes the question's base KV after its first token")
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of one reuse call and one receiver prefill")
-    p.add_argument("--compile", action="store_true",
-                   help="short forwards and decode steps through torch.compile before capture (KVCOMM_COMPILE=1); "
-                        "tens of seconds of compilation per new shape, then fewer kernels per step")
+    add_compile_arg(p)
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args) -> int:
-    if args.compile:
-        os.environ["KVCOMM_COMPILE"] = "1"
+    apply_compile(args)
     if args.profile:
         print(profile_calls(args.preset, Path(args.out), args.device))
         return 0

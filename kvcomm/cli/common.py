@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 from pathlib import Path
 
 from kvcomm.core.errors import KVCommError
@@ -95,17 +96,31 @@ def setting(value: str) -> str:
     return value
 
 
+def add_compile_arg(p) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="CUDA: run short forwards and decode steps through torch.compile before graph capture "
+                        "(KVCOMM_COMPILE=1): fewer kernels per step, after ~10-30 s of compilation per new shape")
+
+
+def apply_compile(args) -> None:
+    """--compile reaches the static path through its environment switch (read when a model's decoder is made)."""
+    if getattr(args, "compile", False):
+        os.environ["KVCOMM_COMPILE"] = "1"
+
+
 def add_model_args(p) -> None:
     p.add_argument("--model", default="embedded", help="'embedded' (default, SmolLM2-135M GGUF), a name from 'kvcomm models list' "
                         "(e.g. qwen2.5-coder-0.5b), a .gguf file, a model dir or a hub id")
     p.add_argument("--device", default="auto", help="cuda, cpu, cuda:1 … (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
+    add_compile_arg(p)
 
 
 def load(args, quiet: bool = False):
     """The model named by --model/--device/--dtype, with a spinner and a one-line summary on stderr."""
     from kvcomm.core.models import load_model
 
+    apply_compile(args)
     err = console(stderr=True)
     with err.status(f"loading model {args.model} …", spinner="dots") if not quiet else contextlib.nullcontext():
         lm = load_model(args.model, device=args.device, dtype=args.dtype, progress=not quiet)

@@ -163,3 +163,17 @@ def test_bad_flag_values_exit_2(capsys):
             main(argv)
         assert e.value.code == 2
     assert "ratio must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["agents", "--compile", "--report-only", "--out", "X"], ["bench", "--compile"]])
+def test_compile_flag_turns_on_compiled_forwards(argv, monkeypatch, tmp_path):
+    """--compile reaches the static path through KVCOMM_COMPILE (kvcomm.core.compiled.wanted)."""
+    from kvcomm.cli.common import apply_compile
+    from kvcomm.cli.main import build_parser
+    from kvcomm.core import compiled
+
+    monkeypatch.setenv("KVCOMM_COMPILE", "0")  # recorded, so the flag's setting is undone after the test
+    args = build_parser().parse_args([a if a != "X" else str(tmp_path) for a in argv])
+    assert args.compile and not compiled.wanted()
+    apply_compile(args)
+    assert compiled.wanted()

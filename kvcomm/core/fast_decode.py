@@ -26,8 +26,7 @@ the caller's cache, as the eager prefill leaves it.
 `graphs=False` runs the same static-cache steps eagerly, which is how CPU tests check them.
 `KVCOMM_FAST_DECODE` picks the path when callers do not: `0` eager everywhere, `static` the
 static cache without graphs on any device, anything else (default) graphs on CUDA and eager elsewhere.
-`KVCOMM_COMPILE=1` also runs the model's forward through `torch.compile` before capture (see
-`kvcomm.core.compiled`), fusing the small element-wise kernels a graph still launches one by one.
+`KVCOMM_COMPILE=1` also compiles the forward before capture (`kvcomm.core.compiled`: fused element-wise kernels).
 """
 
 from __future__ import annotations
@@ -127,7 +126,7 @@ class _Chunk:
     ids: torch.Tensor  # [1, q]
     pos: torch.Tensor  # [1, q]
     rows: torch.Tensor  # [1, 1, 1, q, 1]: 0..q-1
-    masks: torch.Tensor  # [layers, 1, 1, q, L]
+    masks: torch.Tensor  # [layers, 1, 1, q, L]; [1, ...] and unused under decode_attention (32 layers: 268 MB at q=128, L=32K)
     graph: torch.cuda.CUDAGraph | None = None
     logits: torch.Tensor | None = None
 
@@ -135,7 +134,7 @@ class _Chunk:
 class GraphDecoder:
     """Static KV cache, input buffers and (with `graphs`) the captured step of one model.
 
-    One per (model, graphs) via `decoder_for`; `decode` holds a lock, so threads that share a model
+    One per (model, graphs, compile) via `decoder_for`; `decode` holds a lock, so threads that share a model
     take turns (the buffers are shared state)."""
 
     def __init__(self, lm, graphs: bool, compile: bool = False):
@@ -198,7 +197,7 @@ class GraphDecoder:
         self.capacity, self._layout = size, layout
 
     def _step(self, model) -> None:
-        """One token: masks from lens, forward, argmax into ids, advance. No host sync, no data-dependent branch."""
+        """One token: attention inputs from lens, forward, argmax into ids, advance. No host sync or data branch."""
         extra = self._attention_inputs(self.masks, 0)
         out = self.forward(model, input_ids=self.ids, position_ids=self.pos, attention_mask=self.masks[0],
                            past_key_values=self.cache, use_cache=True, **extra)
@@ -284,7 +283,8 @@ class GraphDecoder:
             c = _Chunk(ids=torch.zeros(1, q, dtype=torch.long, device=dev),
                        pos=torch.arange(q, device=dev).view(1, q),
                        rows=torch.arange(q, device=dev).view(1, 1, 1, q, 1),
-                       masks=torch.zeros(n_layers, 1, 1, q, self.cols.numel(), dtype=self.dtype, device=dev))
+                       masks=torch.zeros(1 if self.lens_attention else n_layers, 1, 1, q, self.cols.numel(),
+                                         dtype=self.dtype, device=dev))
         if self.graphs:
             def reset() -> None:
                 self.lens.zero_()

@@ -24,6 +24,7 @@ path CPU tests check; on CUDA it shows what the graph alone buys).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -49,17 +50,30 @@ def load(spec: str, device: str | None, dtype: str | None):
     return load_model(spec, device=device, dtype=dtype, progress=False)
 
 
+@contextlib.contextmanager
+def switches(**values: str):
+    """Set kvcomm's environment switches for a block, then put back what was there (or nothing)."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def run_path(lm, path: str, block, logits, n: int, tokens: int, repeats: int) -> dict:
     """Time one path; returns its row (or why it did not run). `graph+compile` / `static+compile`: the
     same path with the forward through torch.compile (`KVCOMM_COMPILE=1`; the first call compiles)."""
     base, _, compiled = path.partition("+")
     if base == "graph" and lm.device.type != "cuda":
         return {"path": path, "ran": "unavailable: CUDA graphs need a CUDA device"}
-    env, env_compile = os.environ.get("KVCOMM_FAST_DECODE"), os.environ.get("KVCOMM_COMPILE")
-    os.environ["KVCOMM_FAST_DECODE"] = "static" if base == "static" else "1"
-    os.environ["KVCOMM_COMPILE"] = "1" if compiled == "compile" else "0"
     fast = {"eager": False, "graph": True, "static": None}[base]
-    try:
+    with switches(KVCOMM_FAST_DECODE="static" if base == "static" else "1",
+                  KVCOMM_COMPILE="1" if compiled == "compile" else "0"):
         times, out, ran = [], None, None
         for _ in range(repeats + 1):
             cache = block_to_cache(lm, block)
@@ -73,12 +87,6 @@ def run_path(lm, path: str, block, logits, n: int, tokens: int, repeats: int) ->
         return {"path": path, "ran": ran, "tokens": out, "first_call_s": times[0],
                 "ms_per_token": statistics.median(steady) / tokens * 1e3,
                 "ms_per_token_min": min(steady) / tokens * 1e3, "repeats": len(steady)}
-    finally:
-        for name, value in (("KVCOMM_FAST_DECODE", env), ("KVCOMM_COMPILE", env_compile)):
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def profile_steps(lm, block, logits, n: int, steps: int, compiled: bool) -> dict:
@@ -87,8 +95,7 @@ def profile_steps(lm, block, logits, n: int, steps: int, compiled: bool) -> dict
     the sum, which is what a graph replay costs at best."""
     from torch.profiler import ProfilerActivity, profile
 
-    os.environ["KVCOMM_FAST_DECODE"], os.environ["KVCOMM_COMPILE"] = "static", "1" if compiled else "0"
-    try:
+    with switches(KVCOMM_FAST_DECODE="static", KVCOMM_COMPILE="1" if compiled else "0"):
         for _ in range(2):  # compile, allocate
             greedy_continue(lm, block_to_cache(lm, block), logits, n, steps, set(), feed_last=True)
         cache = block_to_cache(lm, block)
@@ -96,9 +103,6 @@ def profile_steps(lm, block, logits, n: int, steps: int, compiled: bool) -> dict
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             greedy_continue(lm, cache, logits, n, steps, set(), feed_last=True)
             sync(lm.device)
-    finally:
-        os.environ.pop("KVCOMM_FAST_DECODE", None)
-        os.environ.pop("KVCOMM_COMPILE", None)
     kernels: dict[str, list] = {}
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:

@@ -35,6 +35,7 @@ def plain_forward(model, **inputs):
 @functools.cache
 def forward():
     """`plain_forward` compiled (one compiled function for all models; dynamo guards tell them apart)."""
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
-    torch._dynamo.config.recompile_limit = max(getattr(torch._dynamo.config, "recompile_limit", 0), RECOMPILE_LIMIT)
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # its older name
+    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
     return torch.compile(plain_forward, dynamic=False)

@@ -120,6 +120,14 @@ def available(t: torch.Tensor) -> bool:
     return triton_support.wanted(t) and triton_support.builds(_kernels)
 
 
+def serves(model, t: torch.Tensor) -> bool:
+    """Whether `model`'s static path hands per-layer lengths to these kernels: its attention is kvcomm's
+    (which passes them on) and the kernels run for tensors like `t`."""
+    from kvcomm.core.attention import NAME
+
+    return model.config._attn_implementation == NAME and available(t)
+
+
 def splits_for(n_slots: int, programs_per_split: int) -> tuple[int, int]:
     """(chunks, keys per chunk): about TARGET_PROGRAMS programs, chunks a multiple of BLOCK_KEYS long.
 

@@ -186,8 +186,7 @@ class GraphDecoder:
             # [layers, 1, 1, 1, L]; L is a power of two >= 256, so every row starts 16-element aligned
             self.masks = torch.zeros(n_layers, 1, 1, 1, size, dtype=self.dtype, device=dev)
         self.neg = torch.finfo(self.dtype).min
-        self.lens_attention = (self.per_layer and all(k == v for _, k, v in layout[0])
-                               and decode_attention.available(self.lens))
+        self.lens_attention = all(k == v for _, k, v in layout[0]) and decode_attention.serves(model, self.lens)
         self.cache = static
         if self.graphs:
             try:

@@ -13,7 +13,6 @@ import warnings
 import torch
 
 from kvcomm.core import decode_attention
-from kvcomm.core.attention import NAME as KVCOMM_ATTENTION
 from kvcomm.core.fast_decode import (
     DecoderBusy,
     FastDecodeUnavailable,
@@ -50,8 +49,8 @@ def short_forward(lm, cache, ids: torch.Tensor, start: int, fast: bool | None = 
     bucket over MAX_SHORT_FORWARD_BYTES, a cache or model the static path cannot hold, a failed
     capture, the static cache busy with another thread's decode). `cache` gains the new tokens' KV."""
     q = chunk_bucket(ids.shape[1])
-    kernel = lm.model.config._attn_implementation == KVCOMM_ATTENTION and decode_attention.available(ids)
-    if q is None or static_bytes(cache, q) > (MAX_STATIC_BYTES if kernel else MAX_SHORT_FORWARD_BYTES):
+    limit = MAX_STATIC_BYTES if decode_attention.serves(lm.model, ids) else MAX_SHORT_FORWARD_BYTES
+    if q is None or static_bytes(cache, q) > limit:
         return None
     path = choose_path(lm, cache, fast)
     if path == "eager":

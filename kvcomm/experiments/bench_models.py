@@ -107,6 +107,6 @@ def environment(lm) -> dict:
         env["gpu"] = torch.cuda.get_device_name(lm.device)
         env["sdpa_flash"] = torch.backends.cuda.flash_sdp_enabled()
         probe = torch.empty(0, device=lm.device)
-        env["static_attention"] = "split-key Triton kernel" if decode_attention.available(probe) else "masked SDPA"
+        env["static_attention"] = "split-key Triton kernel" if decode_attention.serves(lm.model, probe) else "masked SDPA"
     env["compiled_forwards"] = compiled.wanted()
     return env

@@ -43,7 +43,7 @@ from torch.profiler import record_function
 from kvcomm.core import compiled, decode_attention
 from kvcomm.core.attention import NAME as KVCOMM_ATTENTION
 from kvcomm.core.graph_capture import capture_graph
-from kvcomm.core.static_layers import as_stacked, stack_layers
+from kvcomm.core.static_layers import append_from, copy_in, stack_layers
 
 MIN_BUCKET = 256
 CHUNK_BUCKETS = (1, 16, 32, 64, 128)  # new-token counts with a captured prefill (1: a reused agent's last token); longer stay eager
@@ -219,41 +219,6 @@ class GraphDecoder:
         self.cache, self.capacity, self.broken = None, 0, f"CUDA graph capture failed: {str(e).splitlines()[0]}"
         return FastDecodeUnavailable(self.broken)
 
-    def _copy_in(self, cache) -> None:
-        """The caller's cache into the first slots of each static layer (in place: graphs read fixed addresses).
-
-        One copy for all layers when the caller's layers are evenly spaced slices of one tensor (a block's
-        views, or what `_append_to` left) and the static cache is stacked: 64 per-layer copies of an 8B
-        model were 1.3 ms of CPU-bound launches per call."""
-        if self.stacked is not None:
-            keys, values = as_stacked([layer.keys for layer in cache.layers]), as_stacked([layer.values for layer in cache.layers])
-            if keys is not None and values is not None:
-                n = keys.shape[2]
-                self.stacked[0][:, 0, :, :n].copy_(keys)
-                self.stacked[1][:, 0, :, :n].copy_(values)
-                return
-        for layer, src in zip(self.cache.layers, cache.layers):
-            n = src.keys.shape[-2]
-            layer.keys[:, :, :n].copy_(src.keys)
-            layer.values[:, :, :n].copy_(src.values)
-
-    def _append_to(self, cache, lens: list[int], k: int) -> None:
-        """Static slots lens..lens+k of each layer appended to the caller's cache.
-
-        With uniform lengths, a stacked static cache and plain dynamic layers (whose first lens slots the
-        static cache holds: `_copy_in` put them there under the same lock), one copy of all layers' slots
-        0..lens+k becomes the caller's layers (views of it) instead of one concatenation per layer."""
-        from transformers.cache_utils import DynamicLayer
-
-        if self.stacked is not None and len(set(lens)) == 1 and all(type(layer) is DynamicLayer for layer in cache.layers):
-            n = lens[0] + k
-            keys, values = (t[:, 0, :, :n].clone() for t in self.stacked)
-            for i, layer in enumerate(cache.layers):
-                layer.keys, layer.values = keys[i : i + 1], values[i : i + 1]
-            return
-        for i, (layer, n) in enumerate(zip(self.cache.layers, lens)):
-            cache.update(layer.keys[:, :, n : n + k], layer.values[:, :, n : n + k], i)
-
     def _set_state(self, lens: list[int], position: int) -> None:
         for layer, n in zip(self.cache.layers, lens):
             layer.cumulative_length.fill_(n)  # where StaticLayer.update writes the next key
@@ -330,7 +295,7 @@ class GraphDecoder:
             self._ensure(model, cache, max(lens) + q)
             c = self._chunk(model, q)
             with record_function("kvcomm.static.copy_in"):
-                self._copy_in(cache)
+                copy_in(self.cache, self.stacked, cache)
             self.lens.copy_(torch.tensor(lens, dtype=torch.long))
             c.pos.copy_(torch.arange(start, start + q).view(1, q))
             c.ids[:, :n].copy_(ids)
@@ -341,7 +306,7 @@ class GraphDecoder:
                     self._chunk_step(model, c)
             logits = c.logits[n - 1].clone().view(1, 1, -1)
             with record_function("kvcomm.static.append"):
-                self._append_to(cache, lens, n)
+                append_from(self.cache, self.stacked, cache, lens, n)
         return logits
 
     @torch.no_grad()
@@ -355,7 +320,7 @@ class GraphDecoder:
         out: list[int] = []
         with self.lock, torch.cuda.device(self.device) if self.graphs else nullcontext():
             self._ensure(model, cache, max(lens) + max_new_tokens)
-            self._copy_in(cache)
+            copy_in(self.cache, self.stacked, cache)
             self._set_state(lens, length)
             self.ids.copy_(next_logits.reshape(-1).argmax().view(1, 1))
             fed = 0
@@ -374,7 +339,7 @@ class GraphDecoder:
                 if step_logits is not None:
                     step_logits.append(self.logits.clone())
             if fed:  # once per layer: the caller's cache gets past + every fed token, as the eager loop leaves it
-                self._append_to(cache, lens, fed)
+                append_from(self.cache, self.stacked, cache, lens, fed)
         return out
 
 

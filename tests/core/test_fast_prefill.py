@@ -53,6 +53,20 @@ def test_uniform_cache_matches_eager(arch, n):
     assert fc.layers[0].keys.shape[-2] == 23 + n
 
 
+def test_receiver_layers_of_equal_length_come_back_as_views_of_one_copy():
+    """A contiguous selection: layers 1-2 hold the sender's KV, 0 and 3 nothing; after the question the
+    runs of equal length (0 | 1-2 | 3) are one copy each, and the cache equals the eager one."""
+    lm = make_tiny("llama", seed=4)
+    ctx, q = rand_ids(20, seed=7), rand_ids(5, seed=8)
+    _, sender, _ = prefill(lm, ctx)
+    (el, ec, _, _), (fl, fc, fp, _) = both(lm, clone(sender, keep={1, 2}), q, start=len(ctx))
+    assert fp == "static"
+    torch.testing.assert_close(fl, el, atol=1e-4, rtol=1e-4)
+    assert_same_cache(fc, ec)
+    storages = [layer.keys.untyped_storage().data_ptr() for layer in fc.layers]
+    assert storages[1] == storages[2] and len(set(storages)) == 3
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_receiver_with_empty_layers_matches_eager_and_decodes_the_same(arch):
     """Selective sharing: selected layers hold the sender's context, the others nothing at all."""
@@ -65,6 +79,8 @@ def test_receiver_with_empty_layers_matches_eager_and_decodes_the_same(arch):
     torch.testing.assert_close(fl, el, atol=1e-4, rtol=1e-4)
     assert_same_cache(fc, ec)
     assert [layer.keys.shape[-2] for layer in fc.layers] == [40, 9, 40, 9]
+    storages = [layer.keys.untyped_storage().data_ptr() for layer in fc.layers]
+    assert len(set(storages)) == 4  # one copy per run of equal lengths, here every layer its own run
     outs = [greedy_continue(lm, c, lg[0, -1], len(ctx) + len(q), 12, set(), fast=f)
             for lg, c, f in ((el, ec, False), (fl, fc, True))]
     assert outs[0] == outs[1]

@@ -61,3 +61,22 @@ def test_block_round_trip_and_move():
 def test_prefill_flops_counts_weights_and_attention():
     lm = make_tiny()
     assert prefill_flops(lm, 10, past=5) > prefill_flops(lm, 10) > prefill_flops(lm, 9) > 0
+
+
+def test_hold_leaves_a_layer_as_transformers_initialises_it_and_does_not_copy():
+    """`hold` sets a dynamic layer's state by hand (no empty tensors, no `cat`): the same attributes and
+    values as transformers' own first `update`, and the caller's tensors themselves as keys and values."""
+    from transformers import DynamicCache
+
+    from kvcomm.core.kv import hold
+
+    lm = make_tiny()
+    k, v = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
+    ours, theirs = DynamicCache(config=lm.model.config), DynamicCache(config=lm.model.config)
+    hold(ours, 0, k, v)
+    theirs.update(k, v, 0)
+    a, b = ours.layers[0], theirs.layers[0]
+    assert set(vars(a)) == set(vars(b))
+    assert (a.dtype, a.device, a.is_initialized) == (b.dtype, b.device, b.is_initialized)
+    assert a.keys is k and a.values is v
+    assert ours.get_seq_length(0) == theirs.get_seq_length(0) == 5

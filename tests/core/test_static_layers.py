@@ -42,3 +42,20 @@ def test_prefill_over_a_block_and_decode_after_match_eager():
     tokens = [greedy_continue(lm, c, lg[0, -1], 33, 8, set(), fast=f) for lg, c, f in ((el, ec, False), (fl, fc, True))]
     assert tokens[0] == tokens[1]
     assert_same_cache(fc, ec)
+
+
+def test_copies_move_whole_words_where_the_layout_allows_and_elements_elsewhere():
+    from kvcomm.core.static_layers import clone_words, copy_words, words
+
+    x = torch.randn(3, 1, 2, 40, 16).to(torch.bfloat16)
+    part = x[:, 0, :, :13]  # a static cache's filled slots: strided, 32-byte rows
+    assert words(part).dtype == torch.int64 and words(part).shape == (3, 2, 13, 4)
+    got = clone_words(part)
+    assert got.dtype == torch.bfloat16 and got.is_contiguous() and torch.equal(got, part)
+    dst = torch.zeros_like(x)
+    copy_words(dst[:, 0, :, :13], part)
+    assert torch.equal(dst[:, 0, :, :13], part) and not dst[:, 0, :, 13:].any()
+    odd = torch.randn(2, 3, 7, 6).to(torch.bfloat16)  # 12-byte rows: copied element by element
+    assert words(odd) is odd and torch.equal(clone_words(odd), odd)
+    shifted = x.flatten()[1:1 + 2 * 16].view(2, 16)  # storage offset of one element: not word-aligned
+    assert words(shifted) is shifted

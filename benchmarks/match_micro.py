@@ -1,6 +1,6 @@
 """Anchor matching's heavy part, up to three ways in one run: the stacked [A, L, H, n, D] float32 form
-(as the paper writes it), kvcomm's eager per-anchor reductions (`kvcomm.reuse.anchors._square_distances`
-and `_blend` with KVCOMM_TRITON=0) and, on CUDA, its Triton kernels (`kvcomm.reuse.match_kernel`).
+(as the paper writes it), kvcomm's eager per-anchor reductions (`kvcomm.reuse.weighing.square_distances`
+and `blend` with KVCOMM_TRITON=0) and, on CUDA, its Triton kernels (`kvcomm.reuse.match_kernel`).
 One placeholder of an 8B-shaped model by default: 32 layers x 8 KV heads x 128 channels, 1,000 tokens,
 4 anchors, bf16 KV. Median of --repeats.
 
@@ -19,7 +19,8 @@ import time
 import torch
 
 from kvcomm.reuse import match_kernel
-from kvcomm.reuse.anchors import _blend, _square_distances
+from kvcomm.reuse.weighing import blend as _blend
+from kvcomm.reuse.weighing import square_distances as _square_distances
 
 
 def stacked(v, anchors, dphi, segs, w_tok, w_ch):

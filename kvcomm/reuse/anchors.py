@@ -42,10 +42,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import torch
+from torch.profiler import record_function
 
 from kvcomm.core.kv import KVBlock
 from kvcomm.core.quant import DEFAULT_GROUP_SIZE, DENSE, PRECISIONS, Quantized, dequantize, quantize
-from kvcomm.reuse import match_kernel
+from kvcomm.reuse.weighing import blend_pair, weigh
 
 
 def content_key(ids) -> str:
@@ -137,50 +138,19 @@ class Match:
     anchors: list[str]
 
 
-def _square_distances(v: torch.Tensor, anchors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean squared difference between `v` [L, H, n, D] and each anchor's values, per token ([A, n], over
-    layers, heads, channels) and per (layer, head, channel) ([A, L, H, D], over tokens), and `v`'s own
-    mean square; float32.
-
-    On CUDA two Triton kernels read each input once (`kvcomm.reuse.match_kernel`). The eager path goes
-    one anchor at a time: a float32 difference of one anchor's size lives at once, not a stacked
-    [A, L, H, n, D] one (on an 8B model, 1,000 tokens: 131 MB instead of 524 MB per placeholder)."""
-    if match_kernel.available(v):
-        return match_kernel.square_distances(v, anchors)
-    v = v.float()
-    d_tok = v.new_empty(len(anchors), v.shape[2])
-    d_ch = v.new_empty(len(anchors), v.shape[0], v.shape[1], v.shape[3])
-    for i, a in enumerate(anchors):
-        sq = torch.sub(v, a).square_()
-        torch.mean(sq, dim=(0, 1, 3), out=d_tok[i])
-        torch.mean(sq, dim=2, out=d_ch[i])
-    return d_tok, d_ch, v.pow(2).mean()
-
-
-def _blend(parts: list[torch.Tensor], weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """sum_a weights[a] * parts[a], accumulated in float32 (parts in any float dtype, as stored: no float32
-    copies of them), returned in `dtype`. One Triton kernel on CUDA, else one part at a time."""
-    if match_kernel.available(parts[0]):
-        return match_kernel.weighted_sum(parts, weights, dtype)
-    out = parts[0] * weights[0]
-    for part, w in zip(parts[1:], weights[1:]):
-        out.addcmul_(part, w)
-    return out.to(dtype)
-
-
 @dataclass
 class _Weighed:
-    """One query's candidates, distances ([A, n], [A, L, H, D]), scale and global weights and entropy, on
-    the device, between `AnchorPool._weigh` and `AnchorPool._offsets`."""
+    """One query's candidates and what `kvcomm.reuse.weighing.weigh` gave for them (on the device), between
+    `AnchorPool._weigh` and `AnchorPool._offsets`: per-token [A, n] and per-channel [A, L, H, D] distances
+    (the latter times `ch_norm`), and `row` = [entropy, scale, global weights]."""
 
     name: str
     base: KVBlock
     cands: list[tuple[Anchor, AgentDelta]]
     d_tok: torch.Tensor
     d_ch: torch.Tensor
-    scale: torch.Tensor
-    w: torch.Tensor
-    h: torch.Tensor
+    ch_norm: float
+    row: torch.Tensor
 
 
 @dataclass
@@ -252,53 +222,53 @@ class AnchorPool:
 
     def match_many(self, queries: list[tuple[str, str, KVBlock]]) -> list[Match | None]:
         """`match` for several (placeholder, agent key, base) at once, as one call's placeholders come:
-        every distance and entropy is queued on the device first and read back in one copy, then the
-        shareable ones get their offsets (one host sync per call instead of one per placeholder)."""
-        pending = [self._weigh(*q) for q in queries]
-        live = [p for p in pending if p is not None]
-        host = torch.cat([torch.cat([p.h.view(1), p.w]) for p in live]).tolist() if live else []
-        out, at = [], 0
-        for p in pending:
-            if p is None:
+        every distance, weight and entropy is queued on the device into one buffer and read back in one
+        copy, then the shareable ones get their offsets (one host sync per call, not per placeholder)."""
+        with self._lock:
+            found = [self._candidates(name, agent_key, base.n) for name, agent_key, base in queries]
+        live = [(q, c) for q, c in zip(queries, found) if c]
+        if not live:
+            return [None] * len(queries)
+        rows = torch.zeros(len(live), 2 + max(len(c) for _, c in live), dtype=torch.float32, device=live[0][0][2].v.device)
+        with record_function("kvcomm.match.weigh"):
+            weighed = iter([self._weigh(q, c, row) for (q, c), row in zip(live, rows)])
+        with record_function("kvcomm.match.read_back"):
+            host = iter(rows.tolist())
+        out = []
+        for c in found:
+            if not c:
                 out.append(None)
                 continue
-            a = len(p.cands)
-            entropy, weights = host[at], host[at + 1 : at + 1 + a]
-            at += 1 + a
-            if a > 1 and entropy > self.gamma * math.log(a):
+            p, values = next(weighed), next(host)
+            entropy, weights = values[0], values[2 : 2 + len(c)]
+            if len(c) > 1 and entropy > self.gamma * math.log(len(c)):
                 out.append(None)
             else:
-                out.append(self._offsets(p, entropy, weights))
+                with record_function("kvcomm.match.offsets"):
+                    out.append(self._offsets(p, entropy, weights))
         return out
 
-    def _weigh(self, name: str, agent_key: str, base: KVBlock) -> _Weighed | None:
-        """Candidates, distances and the global softmax weights (on the device) for one query, or None."""
-        n = base.n
-        with self._lock:
-            cands = [a for a in self._anchors.get(name, {}).values() if agent_key in a.deltas and a.base.n >= n]
-            cands = [(a, a.deltas[agent_key]) for a in cands]
-        if not cands:
-            return None
-        d_tok, d_ch, mean_sq = _square_distances(base.v, [a.base.v[:, :, :n] for a, _ in cands])  # [A, n], [A, L, H, D]
-        scale = mean_sq.sqrt().clamp_min(1e-6)
-        d_global = d_tok.mean(1).sqrt() / scale  # every token has as many entries: the mean of means
-        w = torch.softmax(-d_global / self.tau, dim=0)
-        h = -(w * torch.log(w.clamp_min(1e-30))).sum()
-        return _Weighed(name, base, cands, d_tok, d_ch, scale, w, h)
+    def _candidates(self, name: str, agent_key: str, n: int) -> list[tuple[Anchor, AgentDelta]]:
+        """Anchors of placeholder `name` with deltas for this agent and at least n tokens (hold the lock)."""
+        return [(a, a.deltas[agent_key]) for a in self._anchors.get(name, {}).values() if agent_key in a.deltas and a.base.n >= n]
+
+    def _weigh(self, query: tuple[str, str, KVBlock], cands, row: torch.Tensor) -> _Weighed:
+        """Distances, global weights and entropy (into `row`, on the device) of one query against its candidates."""
+        name, _, base = query
+        d_tok, d_ch, ch_norm = weigh(base.v, [a.base.v[:, :, : base.n] for a, _ in cands], self.tau, row)
+        return _Weighed(name, base, cands, d_tok, d_ch, ch_norm, row)
 
     def _offsets(self, p: _Weighed, entropy: float, weights: list[float]) -> Match:
-        base, cands, scale, n = p.base, p.cands, p.scale, p.base.n
-        # per-token weights for the placeholder: distance over layers, heads, channels at each token
-        w_tok = torch.softmax(-(p.d_tok.sqrt() / scale) / self.tau, dim=0)[:, None, None, :, None]  # [A, 1, 1, n, 1]
+        """Offsets of the placeholder (per-token weights: distance over layers, heads, channels at each
+        token) and of the segment after it (per (layer, head, channel) weights: distance over tokens)."""
+        cands, n, dtype = p.cands, p.base.n, p.base.k.dtype
         dphi = [_as_stored(dl.placeholder) for _, dl in cands]
-        placeholder = KVBlock(_blend([b.k[:, :, :n] for b in dphi], w_tok, base.k.dtype),
-                              _blend([b.v[:, :, :n] for b in dphi], w_tok, base.v.dtype))
-        # per (layer, head, channel) weights for the following segment: distance over tokens
-        w_ch = torch.softmax(-(p.d_ch.sqrt() / scale) / self.tau, dim=0)[:, :, :, None, :]  # [A, L, H, 1, D]
+        placeholder = blend_pair([b.k[:, :, :n] for b in dphi], [b.v[:, :, :n] for b in dphi], p.d_tok, True, 1.0,
+                                 p.row, self.tau, dtype)
         segs = [_as_stored(dl.segment) for _, dl in cands]
-        segment = KVBlock(_blend([b.k for b in segs], w_ch, base.k.dtype), _blend([b.v for b in segs], w_ch, base.v.dtype))
+        segment = blend_pair([b.k for b in segs], [b.v for b in segs], p.d_ch, False, p.ch_norm, p.row, self.tau, dtype)
         self.record_use(p.name, [a.key for (a, _), weight in zip(cands, weights) if weight > 1.0 / (2 * len(cands))])
-        return Match(placeholder, segment, p.w, entropy, [a.key for a, _ in cands])
+        return Match(KVBlock(*placeholder), KVBlock(*segment), p.row[2 : 2 + len(cands)], entropy, [a.key for a, _ in cands])
 
     def record_use(self, name: str, keys: list[str]) -> None:
         """Count one match of placeholder `name` that used the anchors `keys` (weight above half of uniform):

@@ -1,6 +1,7 @@
 """The Triton matching kernels (`kvcomm.reuse.match_kernel`) against the eager path of
-`kvcomm.reuse.anchors`: same distances, scale and weighted offsets to float32 rounding, for anchors
-longer than the placeholder (read in place), mixed dtypes and more anchors than one launch sums.
+`kvcomm.reuse.weighing`: same distances, scale, weights, entropy and weighted offsets to float32
+rounding, for anchors longer than the placeholder (read in place), mixed dtypes and more anchors than
+one launch sums; and a whole `AnchorPool.match` both ways.
 Runs on CUDA, or on CPU in Triton's interpreter where Triton is installed; skipped otherwise."""
 
 from __future__ import annotations
@@ -8,8 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcomm.reuse import anchors as anchors_mod
-from kvcomm.reuse import match_kernel
+from kvcomm.reuse import match_kernel, weighing
 
 
 @pytest.fixture
@@ -32,8 +32,8 @@ def test_distances_match_the_eager_path(device, monkeypatch, L, H, n, D, A):
     longer = [(torch.randn(L, H, n + 5 * a, D, generator=g) * 0.5).to(torch.bfloat16).to(device) for a in range(A)]
     views = [x[:, :, :n] for x in longer]  # anchors at least as long as the content, read in place
     assert match_kernel.available(v)
-    got = anchors_mod._square_distances(v, views)
-    want = _eager(monkeypatch, anchors_mod._square_distances, v, views)
+    got = weighing.square_distances(v, views)
+    want = _eager(monkeypatch, weighing.square_distances, v, views)
     for x, y in zip(got, want):
         torch.testing.assert_close(x, y, rtol=2e-5, atol=1e-6)
     assert got[0].shape == (A, n) and got[1].shape == (A, L, H, D) and got[2].dim() == 0
@@ -49,8 +49,8 @@ def test_weighted_offsets_match_the_eager_path(device, monkeypatch, A, dtype):
     per_token = torch.softmax(torch.randn(A, 1, 1, n, 1, generator=g), 0).to(device)
     per_channel = torch.softmax(torch.randn(A, L, H, 1, D, generator=g), 0).to(device)
     for w in (per_token, per_channel):
-        got = anchors_mod._blend(parts, w, dtype)
-        want = _eager(monkeypatch, anchors_mod._blend, parts, w, dtype)
+        got = weighing.blend(parts, w, dtype)
+        want = _eager(monkeypatch, weighing.blend, parts, w, dtype)
         assert got.dtype == dtype and got.shape == (L, H, n, D)
         tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-5)
         torch.testing.assert_close(got, want, **tol)
@@ -78,3 +78,33 @@ def test_match_uses_the_kernels_with_the_same_result(device, monkeypatch):
     for x, y in ((got.placeholder_offset, want.placeholder_offset), (got.segment_offset, want.segment_offset)):
         torch.testing.assert_close(x.k.float(), y.k.float(), rtol=1.6e-2, atol=1e-2)
         torch.testing.assert_close(x.v.float(), y.v.float(), rtol=1.6e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("A", [1, 3, 6])
+def test_fused_weighing_and_offsets_match_the_eager_path(device, monkeypatch, A):
+    """`weighing.weigh` (row = entropy, scale, weights) and `weighing.blend_pair` (softmax weights computed in
+    the kernel, keys and values in one launch, more anchors than one launch sums) give the eager numbers."""
+    from kvcomm.reuse import weighing
+
+    g = torch.Generator().manual_seed(10 + A)
+    L, H, n, D, m = 3, 2, 45, 12, 7
+    bf = lambda *s: torch.randn(*s, generator=g).to(torch.bfloat16).to(device)  # noqa: E731
+    v = bf(L, H, n, D)
+    anchors = [(v.float().cpu() + 0.1 * (a + 1) * torch.randn(L, H, n + a, D, generator=g)[:, :, :n]).to(torch.bfloat16).to(device)
+               for a in range(A)]
+    offsets = [(bf(L, H, n + a, D)[:, :, :n], bf(L, H, n + a, D)[:, :, :n]) for a in range(A)]
+    segments = [(bf(L, H, m, D), bf(L, H, m, D)) for _ in range(A)]
+
+    def run():
+        row = torch.zeros(2 + A, device=device)
+        d_tok, d_ch, norm = weighing.weigh(v, anchors, 0.05, row)
+        placeholder = weighing.blend_pair(*zip(*offsets), d_tok, True, 1.0, row, 0.05, torch.bfloat16)
+        segment = weighing.blend_pair(*zip(*segments), d_ch, False, norm, row, 0.05, torch.bfloat16)
+        return row, placeholder, segment
+
+    got = run()
+    want = _eager(monkeypatch, run)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-6)
+    for x, y in zip((*got[1], *got[2]), (*want[1], *want[2])):
+        assert x.dtype == torch.bfloat16 and x.shape == y.shape
+        torch.testing.assert_close(x.float(), y.float(), rtol=1.6e-2, atol=1e-2)

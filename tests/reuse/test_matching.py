@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from kvcomm.reuse.anchors import _blend, _square_distances
+from kvcomm.reuse.weighing import blend as _blend
+from kvcomm.reuse.weighing import square_distances as _square_distances
 
 
 def test_distances_and_blends_equal_the_stacked_definition():

@@ -32,6 +32,20 @@ def capture_graph(step, reset=None, warmup: int = WARMUP_STEPS) -> torch.cuda.CU
         if reset is not None:
             reset()
         graph = torch.cuda.CUDAGraph()
+        fresh_blas_workspaces()
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             step()
     return graph
+
+
+def fresh_blas_workspaces() -> None:
+    """Drop PyTorch's cached cuBLAS workspaces so that the next capture allocates its own, in its own pool.
+
+    Graphs captured on one stream otherwise share the workspace allocated during the first capture, in
+    that graph's private pool: when the decoder drops its graphs for a larger bucket, that pool goes, and
+    a later graph's replay reads freed memory ("illegal memory access" on an H100 once `empty_cache`
+    returned it, `kvcomm bench --parts sharing,peer`; pytorch/pytorch#193402). A workspace dropped
+    here while a live graph embeds it stays in that graph's pool, which lives as long as the graph."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()

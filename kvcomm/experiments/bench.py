@@ -346,11 +346,13 @@ def _phases(prof) -> str:
 
 
 def profile_calls(preset: str = "gpu", out: Path | None = None, device: str | None = None) -> str:
-    """torch.profiler tables for one agent-5 reuse call and one KVComm receiver prefill (where time goes)."""
+    """torch.profiler tables for one agent-5 reuse call and one KVComm receiver prefill per context length of the
+    preset (where time goes), each with the CPU and device time of the labelled phases."""
     from torch.profiler import ProfilerActivity, profile
 
 
-    cfg, n_agents, prefix, user, reply, *_ = PRESETS[preset]
+    cfg, n_agents, prefix, user, reply, *_, contexts = PRESETS[preset]
+    rows = 40
     lm = random_model(preset, device)
     vocab = lm.config.vocab_size
     g = torch.Generator().manual_seed(1)
@@ -371,17 +373,23 @@ def profile_calls(preset: str = "gpu", out: Path | None = None, device: str | No
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if lm.device.type == "cuda" else [])
     sort = "cuda_time_total" if lm.device.type == "cuda" else "cpu_time_total"
     engine.call(last, args, request="p")
+    sync(lm.device)
     with profile(activities=acts) as prof:
         res = engine.call(last, args, request="p")
+        sync(lm.device)
     text = [f"reuse call, agent {n_agents}: path={res.path} ttft={res.ttft_s * 1e3:.1f} ms",
-            prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60), _phases(prof)]
-    ctx, qq = random_ids(4096, g, vocab), random_ids(32, g, vocab)
-    msg = send(lm, ctx).select(layers_for("contiguous", 0.5, lm.num_layers))
-    receive_prefill(lm, qq, [msg])
-    with profile(activities=acts) as prof:
+            prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60), _phases(prof)]
+    for n in contexts:  # the receiver at every context length of the preset
+        ctx, qq = random_ids(n, g, vocab), random_ids(32, g, vocab)
+        msg = send(lm, ctx).select(layers_for("contiguous", 0.5, lm.num_layers))
         receive_prefill(lm, qq, [msg])
-    text += ["KVComm receiver prefill, 4K context, 0.5 of layers",
-             prof.key_averages().table(sort_by=sort, row_limit=20, max_name_column_width=60)]
+        sync(lm.device)
+        with profile(activities=acts) as prof:
+            receive_prefill(lm, qq, [msg])
+            sync(lm.device)
+        text += [f"KVComm receiver prefill, {n} context tokens, 0.5 of layers, path={last_prefill_path()}",
+                 prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60), _phases(prof)]
+        del msg
     report = "\n".join(text)
     if out:
         out.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from torch.profiler import record_function
 
 from kvcomm.core.attention import ImportanceRecorder
 from kvcomm.core.fingerprint import fingerprint
@@ -90,7 +91,8 @@ def receive_prefill(lm: LoadedModel, ids, messages: list[KVMessage] | None = Non
                     recorder: ImportanceRecorder | None = None, all_logits: bool = False, fast: bool | None = None):
     """Run the receiver's prompt over the prefix built from `messages`; return (logits, cache, prefix_len).
     A short prompt runs on the graph-captured path on CUDA (`kvcomm.core.kv.prefill`; `fast` as there)."""
-    cache, prefix = build_prefix_cache(lm, messages or [])
+    with record_function("kvcomm.receive.prefix"):
+        cache, prefix = build_prefix_cache(lm, messages or [])
     return prefill(lm, ids, cache, start=prefix, recorder=recorder, all_logits=all_logits, fast=fast)
 
 

@@ -34,14 +34,14 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--repeats", type=positive_int, default=5, help="measured requests per setting (median reported)")
     p.add_argument("--anchors", type=positive_int, default=4, help="anchors per placeholder in the pool while timing")
-    p.add_argument("--parts", type=parts, default="reuse,sweep,sharing", help="comma list of reuse, sweep, sharing")
+    p.add_argument("--parts", type=parts, default="reuse,sweep,sharing", help="comma list of reuse, sweep, sharing, peer")
     p.add_argument("--out", default="benchmarks/results/local", help="folder for bench.json and bench.png")
     p.add_argument("--fresh", action="store_true", help="ignore finished parts in --out and run everything again")
     p.add_argument("--reuse-settings", type=settings, default="dense,prefix,reuse",
                    help="comma list of reuse-part settings: dense, prefix, reuse, blend@R[:select], cacheblend@R[:select] "
                         "(e.g. dense,reuse,blend@0.05,blend@0.15,blend@0.3); a trailing +defer (reuse+defer) runs agent 1 on its "
                         "cached prefix and encodes the question's base KV after its first token")
-    p.add_argument("--profile", action="store_true", help="print torch.profiler tables of one reuse call and one receiver prefill")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler tables of one agent-5 reuse call and of the receiver at each context length, with phase times")
     add_compile_arg(p)
     p.set_defaults(func=cmd_bench)
 

@@ -20,8 +20,9 @@ def rows(report: dict) -> list[str]:
         dense_acc = m.get("dense_accuracy_same_items")
         acc = f"{m['accuracy']:.1%}" + (f" ({dense_acc:.1%})" if dense_acc is not None and mode != "dense" else "")
         frac = m.get("prefill_fraction")
+        partial = f" + {m['partial_rate_after_warmup']:.0%} partial" if m.get("partial_rate_after_warmup") else ""
         out.append(f"| {mode} | {m['finished']} | {acc} | {agree} | {'–' if frac is None else f'{frac:.1%}'} | "
-                   f"{m['reuse_rate_after_warmup']:.0%} | {m['cap_share']:.1%} / {m['cap_share_final']:.1%} |")
+                   f"{m['reuse_rate_after_warmup']:.0%}{partial} | {m['cap_share']:.1%} / {m['cap_share_final']:.1%} |")
     return out
 
 

@@ -38,7 +38,9 @@ def add_parser(sub) -> None:
                         "caching), reuse (KVCOMM's offsets), blend@R[:select] (offsets + recompute of a fraction R of the "
                         "reused tokens, picked by deviation, offset or first), cacheblend@R[:select] (recompute without offsets); "
                         "append +defer to reuse/blend/cacheblend to run the agent that first meets the question on its cached "
-                        "prefix and encode the question's base KV after its reply")
+                        "prefix and encode the question's base KV after its reply; append +partial to reuse/blend to reuse the "
+                        "placeholders that pass the entropy test and recompute only the others (instead of a dense "
+                        "prefill of the whole prompt), e.g. reuse+partial+defer")
     p.add_argument("--limit", type=positive_int, default=10,
                    help="workload items (default 10; coding has 164: a larger --limit takes them all)")
     p.add_argument("--warmup", type=bounded(int, 0), default=2,

@@ -40,7 +40,8 @@ def add_parser(sub) -> None:
     p.add_argument("--reuse-settings", type=settings, default="dense,prefix,reuse",
                    help="comma list of reuse-part settings: dense, prefix, reuse, blend@R[:select], cacheblend@R[:select] "
                         "(e.g. dense,reuse,blend@0.05,blend@0.15,blend@0.3); a trailing +defer (reuse+defer) runs agent 1 on its "
-                        "cached prefix and encodes the question's base KV after its first token")
+                        "cached prefix and encodes the question's base KV after its first token; +partial recomputes only the "
+                        "placeholders that fail the entropy test")
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of one agent-5 reuse call and of the receiver at each context length, with phase times")
     add_compile_arg(p)
     p.set_defaults(func=cmd_bench)

@@ -196,6 +196,7 @@ def mode_summary(rows: list[dict], max_new_tokens: int, warmup: int) -> dict:
         "accuracy": sum(r["correct"] for r in rows) / max(1, len(rows)),
         "reuse_rate": _reuse_rate(rows),
         "reuse_rate_after_warmup": _reuse_rate(warm),
+        "partial_rate_after_warmup": _reuse_rate(warm, "partial"),
         "prefilled_tokens": sum(c["prefilled_tokens"] for c in calls),
         "prompt_tokens": sum(c["prompt_tokens"] for c in calls),
         "wire_bytes": sum(c.get("wire_bytes", 0) for c in calls),
@@ -208,9 +209,10 @@ def mode_summary(rows: list[dict], max_new_tokens: int, warmup: int) -> dict:
     }
 
 
-def _reuse_rate(rows: list[dict]) -> float:
+def _reuse_rate(rows: list[dict], path: str = "reuse") -> float:
+    """Share of the calls that took `path` (reuse: every placeholder reused; partial: some of them)."""
     calls = [c for r in rows for c in r["calls"]]
-    return sum(c["path"] == "reuse" for c in calls) / max(1, len(calls))
+    return sum(c["path"] == path for c in calls) / max(1, len(calls))
 
 
 def cap_share(rows: list[dict], max_new_tokens: int, final_only: bool = False) -> float:
@@ -351,8 +353,9 @@ def summary_table(report: dict, warmup: int):
         frac = "-" if m.get("prefill_fraction") is None else f"{m['prefill_fraction']:.2f}"
         if m.get("prefill_fraction_of") == "prompt" and frac != "-":
             frac += " of prompt"
+        partial = f" + {m['partial_rate_after_warmup']:.0%} partial" if m.get("partial_rate_after_warmup") else ""
         table.add_row(mode, f"{m['accuracy']:.1%}", agree, frac,
-                      f"{m['reuse_rate']:.0%} ({m['reuse_rate_after_warmup']:.0%})",
+                      f"{m['reuse_rate']:.0%} ({m['reuse_rate_after_warmup']:.0%}{partial})",
                       f"{m['cap_share']:.0%} / {m['cap_share_final']:.0%}",
                       f"{m['prefilled_tokens']:,}/{m['prompt_tokens']:,}",
                       " ".join(f"{x:.0f}" for x in ttft_by_position(m, warmup)),

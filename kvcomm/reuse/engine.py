@@ -14,12 +14,13 @@
           Options beyond the paper: `sink_head` (how stand-alone contents are encoded, see `base_kv`),
           `refresh_tail` (prefill the last template segment, see `_tail_start`), `recompute` (also
           recompute a fraction of the reused tokens, `kvcomm.reuse.blend`), `offsets=False`
-          (no anchors or offsets at all: re-rotated base KV plus recompute, the CacheBlend way) and
-          `defer_base` (see ReuseConfig).
+          (no anchors or offsets at all: re-rotated base KV plus recompute, the CacheBlend way),
+          `defer_base` and `partial` (see ReuseConfig).
 
 Settings name a mode and its options in one string (`parse_setting`): dense, prefix, reuse (the
 paper), blend@R[:select] (offsets + recompute of a fraction R), cacheblend@R[:select] (recompute
-without offsets); a trailing `+defer` on reuse, blend or cacheblend sets `defer_base`.
+without offsets); a trailing `+defer` on reuse, blend or cacheblend sets `defer_base`, `+partial` on reuse or
+blend sets `partial` (both may follow, in either order).
 
 Timing: TTFT is measured from the start of the call to the first token's logits, including base-KV
 prefills, anchor matching and cache assembly. Template KV is precomputed when an agent template is
@@ -66,6 +67,15 @@ class ReuseConfig:
                     content's base KV after its reply, for the agents after it. The paper encodes the
                     base first, on that agent's time to first token (slower than dense for agent 1 of
                     the 8B benchmark: 58 vs 47 ms). Off by default: published agent results ran without it.
+    partial         when some placeholders fail the entropy test, reuse the ones that pass and recompute only
+                    the others (their tokens and the template segment after each, whose offset comes from the
+                    same anchor) over the assembled cache, instead of the paper's dense prefill of the whole
+                    prompt; the recomputed placeholders are recorded as anchors from that KV. Beyond the paper;
+                    off by default. Why: with 5 agents the whole-prompt fallbacks were 52 of the 54 points of
+                    dense's prefill that reuse+defer still paid (results/agents-gsm5-defer-qwen0.5b), and they
+                    grow with the placeholders per call. The cost: a placeholder after a reused one is recorded
+                    from KV computed over reused (approximate) KV, not over a dense prefix, so its anchor carries
+                    that error; the first placeholder after p0 sees only exact KV and is recorded exactly.
     kv_precision    precision of the KV one agent hands another (replies' KV, stand-alone contents' base
                     KV), as a KV message at that precision would deliver it: None = as computed; fp8/int8/
                     int4 quantized then dequantized (`kvcomm.core.quant`), bf16/fp16/fp32 a cast. The local
@@ -80,6 +90,7 @@ class ReuseConfig:
     select: str = "deviation"
     offsets: bool = True
     defer_base: bool = False
+    partial: bool = False
     kv_precision: str | None = None
 
     def __post_init__(self):
@@ -89,19 +100,33 @@ class ReuseConfig:
             raise ValueError(f"select must be one of {SELECTORS}, got {self.select!r}")
         if self.kv_precision is not None and self.kv_precision not in PRECISIONS:
             raise ValueError(f"kv_precision must be None or one of {', '.join(PRECISIONS)}, got {self.kv_precision!r}")
+        if self.partial and not self.offsets:
+            raise ValueError("partial needs offsets: without anchors no placeholder ever fails the entropy test")
+
+
+FLAGS = {"defer": "defer_base", "partial": "partial"}
 
 
 def parse_setting(setting: str, base: ReuseConfig = ReuseConfig()) -> tuple[str, ReuseConfig]:
     """(engine mode, config) for a setting name: dense | prefix | reuse | blend@R[:select] | cacheblend@R[:select],
-    the last three optionally followed by `+defer` (`ReuseConfig.defer_base`).
+    the last three optionally followed by `+defer` (`ReuseConfig.defer_base`), reuse and blend also by
+    `+partial` (`ReuseConfig.partial`), in either order.
 
     `blend@0.15` is the paper's reuse plus recompute of 15% of the reused tokens (picked by layer-1
     value deviation unless `:offset` or `:first` says otherwise); `cacheblend@0.15` the same without
     anchors or offsets."""
-    if setting.endswith("+defer") and not setting.startswith(("dense", "prefix")):
-        mode, config = parse_setting(setting[: -len("+defer")], base)
-        return mode, replace(config, defer_base=True)
-    name, _, rest = setting.partition("@")
+    head, *flags = setting.split("+")
+    mode, config = _parse_base(head, base) if head else (None, base)
+    if mode is None or (flags and head.startswith(("dense", "prefix"))) or len(set(flags)) < len(flags) \
+            or any(f not in FLAGS for f in flags) or ("partial" in flags and not config.offsets):
+        raise ValueError(f"unknown setting {setting!r}: use dense, prefix, reuse, blend@R[:select] or cacheblend@R[:select] "
+                         f"with 0 <= R <= 1 and select in {SELECTORS}; reuse, blend and cacheblend may end in +defer, "
+                         f"reuse and blend in +partial")
+    return mode, replace(config, **{FLAGS[f]: True for f in flags})
+
+
+def _parse_base(name_at: str, base: ReuseConfig) -> tuple[str | None, ReuseConfig]:
+    name, _, rest = name_at.partition("@")
     if name in MODES and not rest:
         return name, base
     if name in ("blend", "cacheblend") and rest:
@@ -110,10 +135,9 @@ def parse_setting(setting: str, base: ReuseConfig = ReuseConfig()) -> tuple[str,
             r = float(frac)
         except ValueError:
             r = -1.0
-        if 0.0 <= r <= 1.0:
+        if 0.0 <= r <= 1.0 and (not select or select in SELECTORS):
             return "reuse", replace(base, recompute=r, select=select or base.select, offsets=name == "blend")
-    raise ValueError(f"unknown setting {setting!r}: use dense, prefix, reuse, blend@R[:select] or cacheblend@R[:select] "
-                     f"with 0 <= R <= 1 and select in {SELECTORS}, the last three optionally ending in +defer")
+    return None, base
 
 
 @dataclass
@@ -131,7 +155,7 @@ class Content:
 @dataclass
 class CallResult:
     agent: str
-    path: str  # dense | prefix | reuse
+    path: str  # dense | prefix | reuse | partial (some placeholders reused, the others recomputed)
     reply_ids: list[int]
     reply: Content  # ids + base KV of the reply, to hand to later agents
     ttft_s: float
@@ -294,19 +318,27 @@ class ReuseEngine:
                 found = ([None] * len(agent.names) if self.force_new_anchors else
                          self.pool.match_many([(name, agent_key, bases[name]) for name in agent.names]))
             matches = dict(zip(agent.names, found))
-        if any(m is None for m in matches.values()):
+        failed = [name for name, m in matches.items() if m is None]
+        if failed and not cfg.partial:
             logits, cache = _run(lm, ids)
             self._record(agent, tkv, cache, spans, contents, bases, matches, agent_key, request)
             return logits, cache, "dense", prefilled + len(ids), {}
         with record_function("kvcomm.reuse.assemble"):
             full, offsets = self._assemble(agent, tkv, spans, bases, matches)
         t = self._tail_start(spans, len(ids))
-        entropies = {k: m.entropy for k, m in matches.items()}
-        if cfg.recompute > 0:
-            value_offsets = torch.cat(offsets, 2)[:, :, :t] if offsets else None
-            picked, extra = choose(lm, cfg.select, cfg.recompute, ids, spans, full.slice(0, t), value_offsets)
+        entropies = {k: m.entropy for k, m in matches.items() if m is not None}
+        if cfg.recompute > 0 or failed:
+            forced = _failed_positions(agent, spans, failed, t)
+            picked, extra = [], 0.0
+            if cfg.recompute > 0:
+                value_offsets = torch.cat(offsets, 2)[:, :, :t] if offsets else None
+                picked, extra = choose(lm, cfg.select, cfg.recompute, ids, spans, full.slice(0, t), value_offsets)
+            picked = sorted(set(picked) | set(forced))
             logits, cache = recompute(lm, ids, full.slice(0, t), picked)
-            return logits, cache, "reuse", prefilled + len(ids) - t + len(picked) + round(extra), entropies
+            if failed:
+                self._record(agent, tkv, cache, spans, contents, bases, matches, agent_key, request)
+            return (logits, cache, "partial" if failed else "reuse", prefilled + len(ids) - t + len(picked) + round(extra),
+                    entropies)
         with record_function("kvcomm.reuse.forward"):
             logits, cache = _run(lm, ids[t:], full.slice(0, t))
         return logits, cache, "reuse", prefilled + len(ids) - t, entropies
@@ -356,6 +388,17 @@ class ReuseEngine:
             dseg = move(self.lm, real.slice(sa, sb), -sa) - tkv.segments[i]
             self.pool.stage(request, name, content_key(contents[name].ids), bases[name], agent_key,
                             AgentDelta(_zero_layer0(dphi), _zero_layer0(dseg)))
+
+
+def _failed_positions(agent: AgentTemplate, spans, failed: list[str], tail: int) -> list[int]:
+    """Prompt positions `partial` recomputes for the placeholders in `failed`: each one's tokens and
+    the template segment after it (whose offset would come from the same, missing, anchor), before the tail."""
+    out: list[int] = []
+    for i, name in enumerate(agent.names):
+        if name in failed:
+            for _, a, b in (spans[2 * i + 1], spans[2 * i + 2]):
+                out.extend(range(a, min(b, tail)))
+    return out
 
 
 def _zero_layer0(block: KVBlock) -> KVBlock:

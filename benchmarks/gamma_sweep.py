@@ -18,7 +18,7 @@ from kvcomm.agents.workloads import load_workload
 from kvcomm.core.models import load_model
 from kvcomm.experiments.agents_report import AgentsConfig, agreement, run_modes
 from kvcomm.reuse.anchors import PoolConfig
-from kvcomm.reuse.engine import ReuseConfig
+from kvcomm.reuse.config import ReuseConfig
 
 
 def main() -> None:

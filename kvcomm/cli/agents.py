@@ -99,7 +99,7 @@ def config_of(args):
     from kvcomm.agents.remote import RayConfig
     from kvcomm.experiments.agents_report import AgentsConfig
     from kvcomm.reuse.anchors import PoolConfig
-    from kvcomm.reuse.engine import ReuseConfig
+    from kvcomm.reuse.config import ReuseConfig
 
     cluster = None
     if args.batch_decode and args.backend != "local":

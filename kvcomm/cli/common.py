@@ -86,8 +86,8 @@ def shard(text: str) -> tuple[int, int]:
 
 
 def setting(value: str) -> str:
-    """A reuse setting (`kvcomm.reuse.engine.parse_setting`: dense, prefix, reuse, blend@R, …), checked."""
-    from kvcomm.reuse.engine import parse_setting
+    """A reuse setting (`kvcomm.reuse.config.parse_setting`: dense, prefix, reuse, blend@R, …), checked."""
+    from kvcomm.reuse.config import parse_setting
 
     try:
         parse_setting(value)

@@ -29,7 +29,7 @@ from kvcomm.core import batch_decode
 from kvcomm.core.errors import DataError
 from kvcomm.experiments.agents_shards import append_row, mode_file, read_rows, shard_range, start_shard
 from kvcomm.reuse.anchors import PoolConfig
-from kvcomm.reuse.engine import ReuseConfig
+from kvcomm.reuse.config import ReuseConfig
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ first seen (outside the timed region), as the paper does.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -39,105 +39,11 @@ from torch.profiler import record_function
 from kvcomm.core.generation import greedy_continue, stop_ids, sync
 from kvcomm.core.kv import KVBlock, cache_to_block, move, prefill
 from kvcomm.core.models import LoadedModel
-from kvcomm.core.quant import PRECISIONS
 from kvcomm.reuse.anchors import AgentDelta, AnchorPool, KVPool, content_key, pack, unpacked
 from kvcomm.reuse.assembly import assemble
-from kvcomm.reuse.blend import SELECTORS, choose, recompute
+from kvcomm.reuse.blend import choose, recompute
+from kvcomm.reuse.config import FLAGS, MODES, ReuseConfig, parse_setting  # noqa: F401  (re-exported)
 from kvcomm.reuse.templates import AgentTemplate, shared_head_ids
-
-MODES = ("dense", "prefix", "reuse")
-
-
-@dataclass(frozen=True)
-class ReuseConfig:
-    """How an engine runs agent calls; every default is documented here once.
-
-    max_new_tokens  reply budget per agent call
-    sink_head       encode stand-alone contents after the chat template's agent-independent head
-                    (see `ReuseEngine.base_kv`); False is the paper's choice
-    refresh_tail    prefill the last template segment over the reused KV (see `ReuseEngine._tail_start`)
-    prefix_slots    prompts remembered per agent by the prefix-caching mode
-    recompute       fraction of the reused tokens whose KV is recomputed on the reuse path (0 = the paper)
-    select          how those tokens are picked: deviation | offset | first (`kvcomm.reuse.blend`)
-    offsets         estimate offsets from anchors (the paper); False reuses re-rotated base KV as is,
-                    needs no anchors and never falls back to dense (CacheBlend's way)
-    defer_base      a call whose placeholders include a content nobody has encoded yet (the user question,
-                    at the first agent) prefills its prompt after the agent's cached first segment
-                    (prefix caching: exact, no base-KV prefill before its first token) and encodes the
-                    content's base KV after its reply, for the agents after it. The paper encodes the
-                    base first, on that agent's time to first token (slower than dense for agent 1 of
-                    the 8B benchmark: 58 vs 47 ms). Off by default: published agent results ran without it.
-    partial         when some placeholders fail the entropy test, reuse the ones that pass and recompute only
-                    the others (their tokens and the template segment after each, whose offset comes from the
-                    same anchor) over the assembled cache, instead of the paper's dense prefill of the whole
-                    prompt; the recomputed placeholders are recorded as anchors from that KV. Beyond the paper;
-                    off by default. Why: with 5 agents the whole-prompt fallbacks were 52 of the 54 points of
-                    dense's prefill that reuse+defer still paid (results/agents-gsm5-defer-qwen0.5b), and they
-                    grow with the placeholders per call. The cost: a placeholder after a reused one is recorded
-                    from KV computed over reused (approximate) KV, not over a dense prefix, so its anchor carries
-                    that error; the first placeholder after p0 sees only exact KV and is recorded exactly.
-    kv_precision    precision of the KV one agent hands another (replies' KV, stand-alone contents' base
-                    KV), as a KV message at that precision would deliver it: None = as computed; fp8/int8/
-                    int4 quantized then dequantized (`kvcomm.core.quant`), bf16/fp16/fp32 a cast. The local
-                    engine applies it where the KV is made, so its maker reads the same copy as everyone.
-    """
-
-    max_new_tokens: int = 64
-    sink_head: bool = True
-    refresh_tail: bool = False
-    prefix_slots: int = 4
-    recompute: float = 0.0
-    select: str = "deviation"
-    offsets: bool = True
-    defer_base: bool = False
-    partial: bool = False
-    kv_precision: str | None = None
-
-    def __post_init__(self):
-        if not 0.0 <= self.recompute <= 1.0:
-            raise ValueError(f"recompute must be a fraction in [0, 1], got {self.recompute}")
-        if self.select not in SELECTORS:
-            raise ValueError(f"select must be one of {SELECTORS}, got {self.select!r}")
-        if self.kv_precision is not None and self.kv_precision not in PRECISIONS:
-            raise ValueError(f"kv_precision must be None or one of {', '.join(PRECISIONS)}, got {self.kv_precision!r}")
-        if self.partial and not self.offsets:
-            raise ValueError("partial needs offsets: without anchors no placeholder ever fails the entropy test")
-
-
-FLAGS = {"defer": "defer_base", "partial": "partial"}
-
-
-def parse_setting(setting: str, base: ReuseConfig = ReuseConfig()) -> tuple[str, ReuseConfig]:
-    """(engine mode, config) for a setting name: dense | prefix | reuse | blend@R[:select] | cacheblend@R[:select],
-    the last three optionally followed by `+defer` (`ReuseConfig.defer_base`), reuse and blend also by
-    `+partial` (`ReuseConfig.partial`), in either order.
-
-    `blend@0.15` is the paper's reuse plus recompute of 15% of the reused tokens (picked by layer-1
-    value deviation unless `:offset` or `:first` says otherwise); `cacheblend@0.15` the same without
-    anchors or offsets."""
-    head, *flags = setting.split("+")
-    mode, config = _parse_base(head, base) if head else (None, base)
-    if mode is None or (flags and head.startswith(("dense", "prefix"))) or len(set(flags)) < len(flags) \
-            or any(f not in FLAGS for f in flags) or ("partial" in flags and not config.offsets):
-        raise ValueError(f"unknown setting {setting!r}: use dense, prefix, reuse, blend@R[:select] or cacheblend@R[:select] "
-                         f"with 0 <= R <= 1 and select in {SELECTORS}; reuse, blend and cacheblend may end in +defer, "
-                         f"reuse and blend in +partial")
-    return mode, replace(config, **{FLAGS[f]: True for f in flags})
-
-
-def _parse_base(name_at: str, base: ReuseConfig) -> tuple[str | None, ReuseConfig]:
-    name, _, rest = name_at.partition("@")
-    if name in MODES and not rest:
-        return name, base
-    if name in ("blend", "cacheblend") and rest:
-        frac, _, select = rest.partition(":")
-        try:
-            r = float(frac)
-        except ValueError:
-            r = -1.0
-        if 0.0 <= r <= 1.0 and (not select or select in SELECTORS):
-            return "reuse", replace(base, recompute=r, select=select or base.select, offsets=name == "blend")
-    return None, base
 
 
 @dataclass

@@ -20,7 +20,7 @@ from kvcomm.experiments.agents_report import (
     run_modes,
 )
 from kvcomm.experiments.agents_shards import collect, mode_file, read_rows, shard_dir, shard_range
-from kvcomm.reuse.engine import ReuseConfig
+from kvcomm.reuse.config import ReuseConfig
 
 CONFIG = AgentsConfig(model="tiny", workload="math", agents=2, modes=("dense",), limit=5, warmup=1,
                       reuse=ReuseConfig(max_new_tokens=3))

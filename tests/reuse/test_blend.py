@@ -10,7 +10,7 @@ from kvcomm.agents.runner import MultiAgentRunner, make_engine
 from kvcomm.agents.workloads import Workload, math_items
 from kvcomm.core.kv import KVBlock, cache_to_block, prefill
 from kvcomm.reuse.blend import budget, choose, pick_first, recompute, recompute_mask
-from kvcomm.reuse.engine import ReuseConfig, parse_setting
+from kvcomm.reuse.config import ReuseConfig, parse_setting
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 

@@ -34,8 +34,8 @@ def calls(results):
     return [[(c["path"], c["reply_ids"]) for c in r.calls] for r in results]
 
 
-def run_local(model_dir, items, mode="reuse", pool=PoolConfig(), with_engine=False):
-    engine = ReuseEngine(load_model(str(model_dir), progress=False), mode, pool=pool.build(), config=ReuseConfig(max_new_tokens=4))
+def run_local(model_dir, items, mode="reuse", pool=PoolConfig(), with_engine=False, config=ReuseConfig(max_new_tokens=4)):
+    engine = ReuseEngine(load_model(str(model_dir), progress=False), mode, pool=pool.build(), config=config)
     runner = MultiAgentRunner(engine, workload(), 3, "fully_connected")
     got = [runner.run_item(it) for it in items]
     return (got, engine) if with_engine else got
@@ -60,6 +60,23 @@ def test_ray_backend_gives_the_single_process_outputs(tiny_dir, cluster):
     assert all(c["wire_bytes"] > 0 for r in got for c in r.calls[1:]) and all(c["wire_bytes"] == 0 for r in want for c in r.calls)
 
 
+def test_partial_reuse_on_the_ray_backend_gives_the_single_process_outputs(tiny_dir, cluster):
+    """`+partial` across actors: the first item's calls are partial (every placeholder new), their anchors reach
+    the replicas, and the replay reuses; every call's path and reply equal the single-process run's."""
+    wl = workload(2)
+    items = wl.items + wl.items[:1]
+    config = ReuseConfig(max_new_tokens=4, partial=True)
+    engine = RayEngine(str(tiny_dir), "reuse", config)
+    try:
+        remote = MultiAgentRunner(engine, wl, 3, "fully_connected")
+        got = [remote.run_item(it) for it in items]
+    finally:
+        engine.shutdown()
+    want = run_local(tiny_dir, items, config=config)
+    assert calls(got) == calls(want)
+    assert [c["path"] for c in got[0].calls] == ["partial"] * 4 and [c["path"] for c in got[-1].calls] == ["reuse"] * 4
+
+
 def test_replicas_match_like_the_central_pool_with_eviction_and_compressed_offsets(tiny_dir, cluster):
     """Agents match on local replicas: with a pool that evicts (2 anchors per placeholder, use counts decided
     by the pool actor) and stores int8 offsets (shipped dequantized), every call and the pool's counters equal
@@ -70,7 +87,8 @@ def test_replicas_match_like_the_central_pool_with_eviction_and_compressed_offse
     items = by_length + by_length[:3]
     engine = RayEngine(str(tiny_dir), "reuse", ReuseConfig(max_new_tokens=4), pool)
     try:
-        got = [MultiAgentRunner(engine, wl, 3, "fully_connected").run_item(it) for it in items]
+        remote = MultiAgentRunner(engine, wl, 3, "fully_connected")
+        got = [remote.run_item(it) for it in items]
         stats = engine.pool.stats()
         trips = [t for a in engine.agents.values() for t in ray.get(a.info.remote())["pool_round_trips"]]
         counts = ray.get(engine.pool_actor.call_counts.remote())

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field, fields
 from kvcomm.agents.workloads import Item, Workload
 from kvcomm.core.models import LoadedModel
 from kvcomm.reuse.anchors import PoolConfig
-from kvcomm.reuse.engine import CallResult, Content, Engine, ReuseConfig, ReuseEngine, parse_setting
+from kvcomm.reuse.config import ReuseConfig, parse_setting
+from kvcomm.reuse.engine import CallResult, Content, Engine, ReuseEngine
 from kvcomm.reuse.templates import AgentTemplate
 
 TOPOLOGIES = ("fully_connected", "chain", "star")

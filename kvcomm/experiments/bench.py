@@ -48,7 +48,8 @@ from kvcomm.experiments.bench_models import (
 )
 from kvcomm.experiments.bench_peer import bench_peer
 from kvcomm.reuse.anchors import AnchorPool
-from kvcomm.reuse.engine import ReuseConfig, ReuseEngine, parse_setting
+from kvcomm.reuse.config import ReuseConfig, parse_setting
+from kvcomm.reuse.engine import ReuseEngine
 from kvcomm.sharing.selection import layers_for
 from kvcomm.sharing.send_receive import receive_prefill, send
 

@@ -1,7 +1,7 @@
 """How a reuse engine runs (`ReuseConfig`) and the setting names that pick one (`parse_setting`).
 
 Kept apart from the engine so the CLI and reports can name and check settings without the engine's
-machinery; `kvcomm.reuse.engine` re-exports both.
+machinery.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def parse_setting(setting: str, base: ReuseConfig = ReuseConfig()) -> tuple[str,
     value deviation unless `:offset` or `:first` says otherwise); `cacheblend@0.15` the same without
     anchors or offsets."""
     head, *flags = setting.split("+")
-    mode, config = _parse_base(head, base) if head else (None, base)
+    mode, config = _parse_base(head, base)
     if mode is None or (flags and head.startswith(("dense", "prefix"))) or len(set(flags)) < len(flags) \
             or any(f not in FLAGS for f in flags) or ("partial" in flags and not config.offsets):
         raise ValueError(f"unknown setting {setting!r}: use dense, prefix, reuse, blend@R[:select] or cacheblend@R[:select] "

@@ -42,7 +42,7 @@ from kvcomm.core.models import LoadedModel
 from kvcomm.reuse.anchors import AgentDelta, AnchorPool, KVPool, content_key, pack, unpacked
 from kvcomm.reuse.assembly import assemble
 from kvcomm.reuse.blend import choose, recompute
-from kvcomm.reuse.config import FLAGS, MODES, ReuseConfig, parse_setting  # noqa: F401  (re-exported)
+from kvcomm.reuse.config import MODES, ReuseConfig
 from kvcomm.reuse.templates import AgentTemplate, shared_head_ids
 
 

@@ -10,7 +10,8 @@ from kvcomm.agents.runner import MultiAgentRunner
 from kvcomm.agents.workloads import Workload, math_items
 from kvcomm.core.kv import move, prefill
 from kvcomm.reuse.anchors import AnchorPool
-from kvcomm.reuse.engine import Content, ReuseConfig, ReuseEngine, parse_setting
+from kvcomm.reuse.config import ReuseConfig, parse_setting
+from kvcomm.reuse.engine import Content, ReuseEngine
 from kvcomm.reuse.templates import AgentTemplate
 
 TOL = dict(atol=1e-4, rtol=1e-4)

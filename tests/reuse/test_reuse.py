@@ -99,7 +99,7 @@ def test_defer_base_runs_the_first_agent_on_its_cached_prefix_and_encodes_the_ba
     """With defer_base the agent that meets a content first takes the prefix path (exact: dense's
     reply), prefills only what follows its first segment before its first token, and leaves the
     content's base KV (the same as `base_kv` gives) for the agents after it, which then reuse."""
-    from kvcomm.reuse.engine import parse_setting
+    from kvcomm.reuse.config import parse_setting
 
     lm = make_tiny()
     wl = small_workload(1)

@@ -122,12 +122,22 @@ def recompute(lm, ids: list[int], assembled: KVBlock, picked: list[int]):
 
     The returned cache holds len(ids) tokens in prompt order: the assembled KV with the picked
     positions replaced by their recomputed KV, then the tail's KV. With no picks this is exactly
-    `prefill` of the tail over the assembled cache."""
+    `prefill` of the tail over the assembled cache; so are picks that run contiguously up to the tail (a
+    failing newest placeholder and its segment, under `+partial`): a prefill of ids[picked[0]:] over the
+    assembled KV before it, which takes the fast prefill path instead of a masked forward."""
+    t = assembled.n
+    if not picked or picked == list(range(picked[0], t)):
+        start = picked[0] if picked else t
+        logits, cache, _ = prefill(lm, ids[start:], assembled.slice(0, start))
+        return logits[0, -1], cache
+    return masked_recompute(lm, ids, assembled, picked)
+
+
+def masked_recompute(lm, ids: list[int], assembled: KVBlock, picked: list[int]):
+    """`recompute` for any picks: one forward of the picked tokens and the tail at their real positions
+    over the assembled cache, the stale copies of the picked entries masked (`recompute_mask`)."""
     t = assembled.n
     tail = len(ids) - t
-    if not picked:
-        logits, cache, _ = prefill(lm, ids[t:], assembled)
-        return logits[0, -1], cache
     new_ids = [ids[p] for p in picked] + ids[t:]
     positions = torch.tensor(picked + list(range(t, len(ids))), device=lm.device).unsqueeze(0)
     cache = block_to_cache(lm, assembled)

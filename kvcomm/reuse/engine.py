@@ -229,6 +229,10 @@ class ReuseEngine:
             logits, cache = _run(lm, ids)
             self._record(agent, tkv, cache, spans, contents, bases, matches, agent_key, request)
             return logits, cache, "dense", prefilled + len(ids), {}
+        if failed and len(failed) == len(agent.names):  # partial, nothing to reuse: all after p0 is recomputed,
+            logits, cache = _run(lm, ids[tkv.p0.n :], tkv.p0)  # which a plain prefill over p0 does fastest
+            self._record(agent, tkv, cache, spans, contents, bases, matches, agent_key, request)
+            return logits, cache, "partial", prefilled + len(ids) - tkv.p0.n, {}
         with record_function("kvcomm.reuse.assemble"):
             full, offsets = self._assemble(agent, tkv, spans, bases, matches)
         t = self._tail_start(spans, len(ids))

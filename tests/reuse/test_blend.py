@@ -9,7 +9,7 @@ from conftest import make_tiny, rand_ids
 from kvcomm.agents.runner import MultiAgentRunner, make_engine
 from kvcomm.agents.workloads import Workload, math_items
 from kvcomm.core.kv import KVBlock, cache_to_block, prefill
-from kvcomm.reuse.blend import budget, choose, pick_first, recompute, recompute_mask
+from kvcomm.reuse.blend import budget, choose, masked_recompute, pick_first, recompute, recompute_mask
 from kvcomm.reuse.config import ReuseConfig, parse_setting
 
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -29,14 +29,15 @@ def _noisy(block: KVBlock, start: int, seed: int = 0) -> KVBlock:
     return KVBlock(k, v)
 
 
+@pytest.mark.parametrize("run", [recompute, masked_recompute])  # the prefill shortcut and the masked forward
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_recomputing_every_reused_token_equals_dense_whatever_the_reused_kv(arch):
+def test_recomputing_every_reused_token_equals_dense_whatever_the_reused_kv(arch, run):
     """r = 100%: the reused KV does not matter any more; logits and cache equal a dense prefill."""
     lm = make_tiny(arch)
     ids = rand_ids(24, 1)
     ref_logits, ref = _dense(lm, ids)
     t, p0 = 23, 5
-    logits, cache = recompute(lm, ids, _noisy(ref.slice(0, t), p0), list(range(p0, t)))
+    logits, cache = run(lm, ids, _noisy(ref.slice(0, t), p0), list(range(p0, t)))
     torch.testing.assert_close(logits, ref_logits, **TOL)
     got = cache_to_block(cache)
     torch.testing.assert_close(got.k, ref.k, **TOL)
@@ -56,6 +57,24 @@ def test_recomputed_tokens_get_dense_kv_when_nothing_else_deviates(arch):
     assert got.n == len(ids)
     torch.testing.assert_close(got.k, ref.k, **TOL)
     torch.testing.assert_close(got.v, ref.v, **TOL)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_picks_up_to_the_tail_are_a_prefill_with_the_masked_forwards_result(arch):
+    """A failing newest placeholder and its segment (`+partial`) are picked up to the tail: `recompute`
+    prefills them over the KV before them, and gets what the masked forward gets over noisy reused KV."""
+    lm = make_tiny(arch)
+    ids = rand_ids(30, 4)
+    _, ref = _dense(lm, ids)
+    assembled = _noisy(ref.slice(0, 29), 8)  # reused (noisy) KV before the picks, stale KV under them
+    picked = list(range(20, 29))
+    logits, cache = recompute(lm, ids, assembled, picked)
+    want_logits, want = masked_recompute(lm, ids, assembled, picked)
+    torch.testing.assert_close(logits, want_logits, **TOL)
+    got, want = cache_to_block(cache), cache_to_block(want)
+    torch.testing.assert_close(got.k, want.k, **TOL)
+    torch.testing.assert_close(got.v, want.v, **TOL)
+    assert not torch.allclose(logits, _dense(lm, ids)[0], atol=1e-3)  # the noisy reused KV did matter
 
 
 def test_no_pick_is_a_plain_tail_prefill():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from kvcomm.cli.common import add_compile_arg, apply_compile, positive_int, setting
+from kvcomm.cli.common import add_compile_arg, apply_compile, bounded, positive_int, setting
 from kvcomm.experiments.bench import PARTS, BenchConfig, profile_calls, run_bench
 from kvcomm.experiments.bench_models import PRESETS
 
@@ -42,6 +42,9 @@ def add_parser(sub) -> None:
                         "(e.g. dense,reuse,blend@0.05,blend@0.15,blend@0.3); a trailing +defer (reuse+defer) runs agent 1 on its "
                         "cached prefix and encodes the question's base KV after its first token; +partial recomputes only the "
                         "placeholders that fail the entropy test")
+    p.add_argument("--missing-anchors", type=bounded(int, 0), default=0, metavar="N",
+                   help="while timing, the last N placeholders of every prompt fail the entropy test (default 0: all "
+                        "pass), so reuse falls back to dense prefill and +partial recomputes only those")
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of one agent-5 reuse call and of the receiver at each context length, with phase times")
     add_compile_arg(p)
     p.set_defaults(func=cmd_bench)
@@ -53,7 +56,8 @@ def cmd_bench(args) -> int:
         print(profile_calls(args.preset, Path(args.out), args.device))
         return 0
     config = BenchConfig(preset=args.preset, device=args.device, repeats=args.repeats, anchors=args.anchors,
-                         parts=args.parts, fresh=args.fresh, reuse_settings=args.reuse_settings)
+                         parts=args.parts, fresh=args.fresh, reuse_settings=args.reuse_settings,
+                         missing_anchors=args.missing_anchors)
     run_bench(config, Path(args.out))
     print(f"wrote {Path(args.out) / 'bench.json'}")
     return 0

@@ -9,7 +9,8 @@ Reuse (paper setting): 5 fully connected agents, each with its own 512-token sys
 position, median TTFT of dense prefill, prefix caching and KV reuse over the measured requests. The
 pool is first filled with `anchors` requests recorded by dense prefill; during measurement γ = 1 so
 every call takes the reuse path (random tokens carry no meaning for the entropy test), and matching
-runs against the whole pool, so its cost is included. Replies are random ids whose base KV is computed
+runs against the whole pool, so its cost is included; with `missing` > 0 the last `missing` placeholders
+of every prompt fail instead (`MissingAnchors`), to time the paper's dense fallback against `+partial`. Replies are random ids whose base KV is computed
 outside the timed region (in a real run it is a by-product of the producer's decoding).
 
 Sharing: receiver TTFT with a sender message at ratios 0.3/0.5/0.7 (contiguous middle layers; which
@@ -39,6 +40,7 @@ from kvcomm.core.kv import last_prefill_path, prefill, prefill_flops
 from kvcomm.core.message import encode
 from kvcomm.experiments.bench_models import (
     PRESETS,
+    MissingAnchors,
     agent_templates,
     environment,
     peak_tflops,
@@ -57,7 +59,7 @@ PARTS = ("reuse", "sweep", "sharing", "peer")
 ONE_TOKEN = ReuseConfig(max_new_tokens=1)  # TTFT is all a speed benchmark times
 
 def bench_reuse(lm, n_agents: int, prefix: int, user: int, reply: int, anchors: int = 4, repeats: int = 5,
-                modes=("dense", "prefix", "reuse"), progress=None) -> dict:
+                modes=("dense", "prefix", "reuse"), progress=None, missing: int = 0) -> dict:
     """Median TTFT per agent position for each setting in `modes` (`parse_setting` names: dense, prefix,
     reuse, blend@0.15, cacheblend@0.15, ...)."""
 
@@ -79,7 +81,7 @@ def bench_reuse(lm, n_agents: int, prefix: int, user: int, reply: int, anchors: 
     for setting in modes:
         mode, config = parse_setting(setting, ONE_TOKEN)
         pool = AnchorPool(max_anchors=max(anchors, 1), byte_budget=1 << 40, gamma=1.0)
-        engine = ReuseEngine(lm, mode, pool=pool, config=config)
+        engine = ReuseEngine(lm, mode, pool=MissingAnchors(pool, missing) if missing else pool, config=config)
         warm = ReuseEngine(lm, mode, pool=pool, config=config, force_new_anchors=True) if mode == "reuse" else engine
         for s in range(max(anchors, 1)):
             warm._templates = engine._templates
@@ -111,7 +113,6 @@ def bench_reuse(lm, n_agents: int, prefix: int, user: int, reply: int, anchors: 
 
 # ---- sharing --------------------------------------------------------------------------------------
 def _timed(lm, fn, repeats: int = 5):
-
     fn()
     times = []
     for _ in range(repeats):
@@ -124,7 +125,6 @@ def _timed(lm, fn, repeats: int = 5):
 
 
 def _sharing_row(lm, ctx, q, summ, ratios, repeats) -> dict:
-
     n = len(ctx)
     full = send(lm, ctx)
     peak = peak_tflops(lm)
@@ -220,7 +220,8 @@ class BenchConfig:
     """One benchmark run. preset: 'gpu' (Llama-3.1-8B architecture, random bf16 weights) or 'cpu' (a small
     Llama); repeats: measured requests per setting (median reported); anchors: anchors per placeholder in
     the pool while timing; parts: any of reuse, sweep, sharing; fresh: ignore finished parts in the output;
-    reuse_settings: the settings of the reuse part (`parse_setting` names)."""
+    reuse_settings: the settings of the reuse part (`parse_setting` names); missing_anchors: placeholders
+    per prompt (the last ones) that fail the entropy test while timing (0: none)."""
 
     preset: str = "cpu"
     device: str | None = None
@@ -229,12 +230,12 @@ class BenchConfig:
     parts: tuple[str, ...] = PARTS
     fresh: bool = False
     reuse_settings: tuple[str, ...] = ("dense", "prefix", "reuse")
+    missing_anchors: int = 0
 
 
 def run_bench(config: BenchConfig, out: Path) -> dict:
     """Run the chosen parts; bench.json is rewritten atomically after every part and sweep point, and a
     re-run with the same settings and output folder skips what is already there (`fresh` starts over)."""
-
 
     console = Console(stderr=True)
     preset, repeats, anchors, parts = config.preset, config.repeats, config.anchors, config.parts
@@ -243,7 +244,7 @@ def run_bench(config: BenchConfig, out: Path) -> dict:
         lm = random_model(preset, config.device)
     env = environment(lm)
     key = {"preset": preset, "repeats": repeats, "anchors": anchors, "device": env["device"], "dtype": env["dtype"],
-           "reuse_settings": list(config.reuse_settings)}
+           "reuse_settings": list(config.reuse_settings), "missing_anchors": config.missing_anchors}
     out.mkdir(parents=True, exist_ok=True)
     path = out / "bench.json"
     report = _resumable(path, key, config.fresh, console)
@@ -256,7 +257,8 @@ def run_bench(config: BenchConfig, out: Path) -> dict:
 
     if "reuse" in parts and "reuse" not in report:
         with console.status(f"reuse: {' / '.join(config.reuse_settings)} …"):
-            report["reuse"] = bench_reuse(lm, n_agents, prefix, user, reply, anchors, repeats, config.reuse_settings)
+            report["reuse"] = bench_reuse(lm, n_agents, prefix, user, reply, anchors, repeats, config.reuse_settings,
+                                          missing=config.missing_anchors)
         save()
     if "reuse" in report:
         _print_reuse(console, report["reuse"])
@@ -294,7 +296,6 @@ def run_bench(config: BenchConfig, out: Path) -> dict:
 
 
 def _print_reuse(console, reuse: dict) -> None:
-
     t = Table(title="TTFT per agent (median ms); speedup vs dense")
     t.add_column("agent")
     for mode in reuse:
@@ -322,7 +323,6 @@ def _print_peer(console, peer: dict) -> None:
 
 
 def _print_sharing(console, sharing: dict) -> None:
-
     rows = sharing["rows"]
     t = Table(title="sharing: receiver TTFT (ms) and bytes per context token")
     for col in ("context", "Skyline", "NLD send+recv", *[k.split("_")[1] for k in rows[0] if k.startswith("kvcomm_") and k.endswith("_ms")],
@@ -350,7 +350,6 @@ def profile_calls(preset: str = "gpu", out: Path | None = None, device: str | No
     """torch.profiler tables for one agent-5 reuse call and one KVComm receiver prefill per context length of the
     preset (where time goes), each with the CPU and device time of the labelled phases."""
     from torch.profiler import ProfilerActivity, profile
-
 
     cfg, n_agents, prefix, user, reply, *_, contexts = PRESETS[preset]
     rows = 40

@@ -95,6 +95,23 @@ def random_request(lm, seed: int, n_agents: int, user: int, reply: int):
     return question, replies
 
 
+class MissingAnchors:
+    """The anchor pool as a call sees it when its last `n` placeholders fail the entropy test.
+
+    Random token ids carry no meaning for the test, so the benchmark decides which placeholders fail: the
+    last ones of each prompt (the newest replies, the ones a real pool knows least; agent 1's only one is
+    the question). Matching still runs for every placeholder, as in a real call, and its result for
+    those `n` is dropped: the paper then prefills the whole prompt, `+partial` recomputes only them."""
+
+    def __init__(self, pool, n: int):
+        self.pool, self.n = pool, n
+
+    def match_many(self, queries):
+        found = self.pool.match_many(queries)
+        return [None if i >= len(found) - self.n else m for i, m in enumerate(found)]
+
+    def __getattr__(self, name):
+        return getattr(self.pool, name)
 
 
 def environment(lm) -> dict:

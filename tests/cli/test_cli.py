@@ -158,7 +158,8 @@ def test_user_errors_exit_2_in_process(argv, needle, capsys, cache):
 def test_bad_flag_values_exit_2(capsys):
     for argv in (["share", "--context", "c", "--question", "q", "--ratio", "1.5"],
                  ["share", "--context", "c", "--question", "q", "--ratio", "abc"],
-                 ["receive", "--message", "m", "--question", "q", "--max-bytes", "-1"]):
+                 ["receive", "--message", "m", "--question", "q", "--max-bytes", "-1"],
+                 ["bench", "--missing-anchors", "-1"]):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2

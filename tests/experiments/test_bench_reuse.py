@@ -1,0 +1,32 @@
+"""The reuse part of `kvcomm bench` on a tiny model: which path each setting takes and what it prefills,
+with every placeholder matching and with the newest one failing the entropy test (`missing`)."""
+
+from __future__ import annotations
+
+from kvcomm.experiments.bench import bench_reuse
+
+USER, REPLY, SEGMENT = 12, 10, 8  # question and reply lengths here; bench_models.agent_templates' segments
+
+
+def _run(lm, modes, missing):
+    return bench_reuse(lm, n_agents=3, prefix=16, user=USER, reply=REPLY, anchors=2, repeats=1, modes=modes,
+                       missing=missing)
+
+
+def test_every_placeholder_matches_by_default(tiny):
+    out = _run(tiny, ("dense", "reuse"), missing=0)
+    assert [r["path"] for r in out["dense"]["per_agent"]] == ["dense"] * 3
+    assert [r["path"] for r in out["reuse"]["per_agent"]] == ["reuse"] * 3
+
+
+def test_a_failing_placeholder_costs_a_dense_prefill_or_only_itself_with_partial(tiny):
+    out = _run(tiny, ("dense", "reuse", "reuse+partial"), missing=1)
+    paper, partial = out["reuse"]["per_agent"], out["reuse+partial"]["per_agent"]
+    assert [r["path"] for r in paper] == ["dense"] * 3  # the paper: any failure → the whole prompt
+    assert [r["path"] for r in partial] == ["partial"] * 3
+    for k, (a, b) in enumerate(zip(paper, partial)):
+        assert a["prompt_tokens"] == b["prompt_tokens"]
+        newest = USER if k == 0 else REPLY  # agent 1's only placeholder is the question
+        # partial prefills the failing placeholder and the template segment after it (the last token of
+        # which is the one every path runs), where the paper prefills the whole prompt
+        assert a["prefilled_tokens"] - b["prefilled_tokens"] == a["prompt_tokens"] - (newest + SEGMENT)

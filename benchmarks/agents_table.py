@@ -29,7 +29,8 @@ def rows(report: dict) -> list[str]:
 def main() -> None:
     for folder in sys.argv[1:]:
         report = json.loads((Path(folder) / "agents.json").read_text())
-        print(f"\n{report['workload']}, {report['agents']} agents + judge, {report['model']} on {report['device']}, "
+        dtype = f" ({report['dtype']})" if report.get("dtype") else ""
+        print(f"\n{report['workload']}, {report['agents']} agents + judge, {report['model']} on {report['device']}{dtype}, "
               f"budget {report['max_new_tokens']} tokens ({folder})\n")
         print("| setting | items | accuracy (dense, same items) | same answer / final text / agent calls as dense | "
               "tokens prefilled vs dense | reuse rate after warm-up | replies at budget (all / final) |")

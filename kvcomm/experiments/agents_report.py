@@ -68,6 +68,7 @@ def run_meta(lm, c: AgentsConfig, n_items: int) -> dict:
     return {"workload": c.workload, "agents": c.agents, "topology": c.topology, "rounds": c.rounds, "items": n_items,
             "model": lm.name if lm else c.model,
             "device": str(lm.device) if lm else f"ray actors ({c.cluster.device or 'auto'})",
+            "dtype": str(lm.dtype).removeprefix("torch.") if lm else None,
             "backend": "ray" if c.cluster is not None else "local", "concurrency": c.concurrency,
             "batch_decode": c.batch_decode and c.cluster is None, "gamma": c.pool.gamma,
             "tau": c.pool.tau, "sink_head": c.reuse.sink_head, "offset_precision": c.pool.offset_precision,
@@ -273,7 +274,8 @@ def _pyplot():
 
 
 def _title(report: dict) -> str:
-    return f"{report['workload']}, {report['agents']} agents, {report['topology']}, {report['model']} on {report['device']}"
+    dtype = f" ({report['dtype']})" if report.get("dtype") else ""
+    return f"{report['workload']}, {report['agents']} agents, {report['topology']}, {report['model']} on {report['device']}{dtype}"
 
 
 def plot_ttft(report: dict, path: Path, skip_items: int) -> None:

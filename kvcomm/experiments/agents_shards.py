@@ -143,4 +143,5 @@ def collect(out: Path) -> tuple[dict, dict, dict[str, list[dict]]]:
     by_mode = {m: sorted((r for r in rows[m].values() if n_items is None or r["index"] < n_items), key=lambda r: r["index"])
                for m in modes if m in rows}
     meta.update(shards=runs[0][1], shards_found=[k for k, *_ in runs], modes=list(by_mode))
+    meta.setdefault("dtype", settings.get("dtype"))  # runs from before meta carried it
     return settings, meta, by_mode

@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 
 from kvcomm.cli.common import add_compile_arg, apply_compile, bounded, positive_int, setting
-from kvcomm.experiments.bench import PARTS, BenchConfig, profile_calls, run_bench
+from kvcomm.experiments.bench import PARTS, BenchConfig, run_bench
 from kvcomm.experiments.bench_models import PRESETS
+from kvcomm.experiments.bench_profile import profile_calls
 
 
 def parts(value: str) -> tuple[str, ...]:

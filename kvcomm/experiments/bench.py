@@ -170,31 +170,39 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    reuse = report["reuse"]
-    for mode, m in reuse.items():
+    both = "sharing" in report  # a run of the reuse part alone plots that alone
+    fig, axes = plt.subplots(1, 2 if both else 1, figsize=(12 if both else 7.5, 4.4), squeeze=False)
+    axes = axes[0]
+    for mode, m in report["reuse"].items():
         axes[0].plot([r["agent"] for r in m["per_agent"]], [r["ttft_ms"] for r in m["per_agent"]], marker="o", label=mode)
     axes[0].set(xlabel="agent position", ylabel="median TTFT (ms)",
                 title=f"{report['preset']['agents']} agents, {report['preset']['prefix']}-tok prefix, "
-                      f"{report['preset']['user']}-tok input, {report['preset']['reply']}-tok replies")
+                      f"{report['preset']['user']}-tok input, {report['preset']['reply']}-tok replies"
+                      + (f"\nthe newest {report['key']['missing_anchors']} placeholder(s) failing the entropy test"
+                         if report.get("key", {}).get("missing_anchors") else ""))
+    axes[0].title.set_fontsize(9)
     axes[0].legend()
     axes[0].grid(alpha=0.3)
-    rows = report["sharing"]["rows"]
-    xs = [r["context_tokens"] for r in rows]
-    axes[1].plot(xs, [r["skyline_ms"] for r in rows], marker="o", label="Skyline (prefill C+Q)")
-    axes[1].plot(xs, [r["nld_sender_ms"] + r["nld_receiver_ms"] for r in rows], marker="o", label="NLD (summary + receiver)")
-    for key in [k for k in rows[0] if k.startswith("kvcomm_") and k.endswith("_ms")]:
-        axes[1].plot(xs, [r[key] for r in rows], marker="o", label=f"KVComm {key.split('_')[1]} (receiver)")
-        if "eager_" + key in rows[0]:
-            axes[1].plot(xs, [r["eager_" + key] for r in rows], ls="--", alpha=0.6, label=f"KVComm {key.split('_')[1]}, eager")
-    axes[1].set(xscale="log", yscale="log", xlabel="context tokens", ylabel="median time (ms)", title="sharing: receiver TTFT")
-    axes[1].legend(fontsize=8)
-    axes[1].grid(alpha=0.3)
+    if both:
+        _plot_sharing(axes[1], report["sharing"]["rows"])
     fig.suptitle(f"{report['env']['model']} ({report['env']['weights']}) on {report['env'].get('gpu', report['env']['device'])}",
-                 fontsize=9)
+                 fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_sharing(ax, rows: list[dict]) -> None:
+    xs = [r["context_tokens"] for r in rows]
+    ax.plot(xs, [r["skyline_ms"] for r in rows], marker="o", label="Skyline (prefill C+Q)")
+    ax.plot(xs, [r["nld_sender_ms"] + r["nld_receiver_ms"] for r in rows], marker="o", label="NLD (summary + receiver)")
+    for key in [k for k in rows[0] if k.startswith("kvcomm_") and k.endswith("_ms")]:
+        ax.plot(xs, [r[key] for r in rows], marker="o", label=f"KVComm {key.split('_')[1]} (receiver)")
+        if "eager_" + key in rows[0]:
+            ax.plot(xs, [r["eager_" + key] for r in rows], ls="--", alpha=0.6, label=f"KVComm {key.split('_')[1]}, eager")
+    ax.set(xscale="log", yscale="log", xlabel="context tokens", ylabel="median time (ms)", title="sharing: receiver TTFT")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
 
 
 def _resumable(path: Path, key: dict, fresh: bool, console) -> dict:
@@ -290,7 +298,7 @@ def run_bench(config: BenchConfig, out: Path) -> dict:
     if "peer" in report:
         _print_peer(console, report["peer"])
     save()
-    if "reuse" in report and "sharing" in report:
+    if "reuse" in report:
         plot(report, out / "bench.png")
     return report
 
@@ -334,64 +342,3 @@ def _print_sharing(console, sharing: dict) -> None:
         t.add_row(str(r["context_tokens"]), f"{r['skyline_ms']:.1f}", f"{r['nld_sender_ms']:.0f}+{r['nld_receiver_ms']:.1f}",
                   *[f"{r[k]:.1f}" for k in ks], "/".join(f"{r['eager_' + k]:.1f}" for k in ks if "eager_" + k in r), bpt)
     console.print(t)
-
-
-def _phases(prof) -> str:
-    """CPU and device time inside the reuse call's labelled phases (`record_function` ranges in the engine)."""
-    lines = ["phases of the call (ms): CPU total / device total, calls"]
-    for e in prof.key_averages():
-        if e.key.startswith("kvcomm."):
-            device = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0))
-            lines.append(f"  {e.key:<26} {e.cpu_time_total / 1e3:8.2f} / {device / 1e3:8.2f}  x{e.count}")
-    return "\n".join(lines)
-
-
-def profile_calls(preset: str = "gpu", out: Path | None = None, device: str | None = None) -> str:
-    """torch.profiler tables for one agent-5 reuse call and one KVComm receiver prefill per context length of the
-    preset (where time goes), each with the CPU and device time of the labelled phases."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cfg, n_agents, prefix, user, reply, *_, contexts = PRESETS[preset]
-    rows = 40
-    lm = random_model(preset, device)
-    vocab = lm.config.vocab_size
-    g = torch.Generator().manual_seed(1)
-    templates = agent_templates(n_agents, prefix, g, vocab)
-    pool = AnchorPool(byte_budget=1 << 40, gamma=1.0)
-    engine = ReuseEngine(lm, "reuse", pool=pool, config=ONE_TOKEN)
-
-    for seed in range(3):
-        q, reps = random_request(lm, seed, n_agents, user, reply)
-        for k, agent in enumerate(templates):
-            engine.force_new_anchors = seed == 0
-            engine.call(agent, {"user_question": q, **{f"agent_{j}_current": reps[j] for j in range(k)}}, request=seed)
-        pool.commit(seed)
-    q, reps = random_request(lm, 99, n_agents, user, reply)
-    engine.base_kv(q)
-    last = templates[-1]
-    args = {"user_question": q, **{f"agent_{j}_current": reps[j] for j in range(n_agents - 1)}}
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if lm.device.type == "cuda" else [])
-    sort = "cuda_time_total" if lm.device.type == "cuda" else "cpu_time_total"
-    engine.call(last, args, request="p")
-    sync(lm.device)
-    with profile(activities=acts) as prof:
-        res = engine.call(last, args, request="p")
-        sync(lm.device)
-    text = [f"reuse call, agent {n_agents}: path={res.path} ttft={res.ttft_s * 1e3:.1f} ms",
-            prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60), _phases(prof)]
-    for n in contexts:  # the receiver at every context length of the preset
-        ctx, qq = random_ids(n, g, vocab), random_ids(32, g, vocab)
-        msg = send(lm, ctx).select(layers_for("contiguous", 0.5, lm.num_layers))
-        receive_prefill(lm, qq, [msg])
-        sync(lm.device)
-        with profile(activities=acts) as prof:
-            receive_prefill(lm, qq, [msg])
-            sync(lm.device)
-        text += [f"KVComm receiver prefill, {n} context tokens, 0.5 of layers, path={last_prefill_path()}",
-                 prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60), _phases(prof)]
-        del msg
-    report = "\n".join(text)
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "profile.txt").write_text(report)
-    return report

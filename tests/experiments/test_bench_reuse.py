@@ -30,3 +30,23 @@ def test_a_failing_placeholder_costs_a_dense_prefill_or_only_itself_with_partial
         # partial prefills the failing placeholder and the template segment after it (the last token of
         # which is the one every path runs), where the paper prefills the whole prompt
         assert a["prefilled_tokens"] - b["prefilled_tokens"] == a["prompt_tokens"] - (newest + SEGMENT)
+
+
+def test_a_reuse_only_run_writes_json_and_plot_with_the_failing_placeholders(tmp_path):
+    from kvcomm.experiments.bench import BenchConfig, run_bench
+
+    config = BenchConfig("cpu", "cpu", repeats=1, anchors=1, parts=("reuse",), reuse_settings=("dense", "reuse+partial"),
+                         missing_anchors=1)
+    report = run_bench(config, tmp_path)
+    assert report["key"]["missing_anchors"] == 1
+    assert [r["path"] for r in report["reuse"]["reuse+partial"]["per_agent"]] == ["partial"] * 5
+    assert (tmp_path / "bench.json").exists() and (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_profile_names_the_reuse_call_and_each_receiver(tmp_path):
+    from kvcomm.experiments.bench_profile import profile_calls
+
+    text = profile_calls("cpu", tmp_path, "cpu")
+    assert "reuse call, agent 5: path=reuse" in text
+    assert text.count("KVComm receiver prefill") == 2 and text.count("phases of the call") == 3
+    assert (tmp_path / "profile.txt").read_text() == text

@@ -86,6 +86,7 @@ def bench_reuse(lm, n_agents: int, prefix: int, user: int, reply: int, anchors: 
         for s in range(max(anchors, 1)):
             warm._templates = engine._templates
             run(warm, 1000 + s)  # fills the pool (reuse) and warms kernels and allocator (all modes)
+        run(engine, 1999, record=False)  # the measured calls' own shapes once (`warm` may take other paths)
         measured = [run(engine, 2000 + s, record=False) for s in range(repeats)]
         per_agent = []
         for k in range(n_agents):

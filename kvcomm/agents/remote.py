@@ -97,7 +97,7 @@ class AgentActor:
                      for name, (_, src) in contents.items() if src is None and local[name].base is not None}
         record = {"agent": res.agent, "path": res.path, "reply_ids": res.reply_ids, "ttft_s": res.ttft_s,
                   "total_s": res.total_s, "prompt_tokens": res.prompt_tokens, "prefilled_tokens": res.prefilled_tokens,
-                  "matched": res.matched, "new_bases": new_bases}
+                  "matched": res.matched, "distances": res.distances, "new_bases": new_bases}
         reply = block_to_bytes(res.reply.base, self.fp, "reply", wire) if res.reply.base is not None else None
         record["wire_bytes"] = (incoming + sum(map(len, new_bases.values())) + (len(reply) if reply else 0)
                                 + self.pool.wire_bytes - pool_bytes)
@@ -158,7 +158,8 @@ class RayEngine:
             contents[name].remote = ray.put(data)  # later agents fetch the question's base KV from the store
         reply = Content(list(rec["reply_ids"]), None, reply_ref if rec["reply_ids"] else None)
         return CallResult(rec["agent"], rec["path"], rec["reply_ids"], reply, rec["ttft_s"], rec["total_s"],
-                          rec["prompt_tokens"], rec["prefilled_tokens"], rec["matched"], rec["wire_bytes"])
+                          rec["prompt_tokens"], rec["prefilled_tokens"], rec["matched"], rec["wire_bytes"],
+                          rec.get("distances", {}))
 
     def shutdown(self) -> None:
         ray = _ray()

@@ -56,6 +56,10 @@ def add_parser(sub) -> None:
                    help="on the reuse path, prefill the prompt's last template segment over the reused KV instead of "
                         "estimating its offset (a few more tokens of prefill; not in the paper)")
     p.add_argument("--tau", type=bounded(float, 0.0, lo_open=True), default=0.003, help="softmax temperature of anchor distances (default 0.003)")
+    p.add_argument("--max-distance", type=bounded(float, 0.0, lo_open=True), default=None, metavar="D",
+                   help="a second shareability test (not in the paper): the nearest anchor's relative value distance "
+                        "must be ≤ D as well; 'inf' gates nothing and records each match's distance in the rows "
+                        "(default: off)")
     p.add_argument("--max-anchors", type=positive_int, default=20, help="anchors per placeholder V (default 20)")
     p.add_argument("--pool-bytes", type=positive_int, default=2 << 30, help="byte budget of the anchor pool")
     p.add_argument("--offset-precision", choices=["bf16", "fp16", "fp32", "fp8", "int8", "int4"],
@@ -122,7 +126,8 @@ def config_of(args):
                         reuse=ReuseConfig(max_new_tokens=args.max_new_tokens, sink_head=args.sink_head,
                                           refresh_tail=args.refresh_tail, kv_precision=args.precision),
                         pool=PoolConfig(max_anchors=args.max_anchors, byte_budget=args.pool_bytes, gamma=args.gamma,
-                                        tau=args.tau, offset_precision=args.offset_precision),
+                                        tau=args.tau, offset_precision=args.offset_precision,
+                                        max_distance=args.max_distance),
                         cluster=cluster)
 
 

@@ -70,6 +70,7 @@ class CallResult:
     prefilled_tokens: int
     matched: dict[str, float] = field(default_factory=dict)  # placeholder -> entropy, when reused
     wire_bytes: int = 0  # KV message bytes the call's process received and sent (Ray backend; 0 in one process)
+    distances: dict[str, float] = field(default_factory=dict)  # placeholder -> nearest anchor's d (PoolConfig.max_distance)
 
 
 def _run(lm: LoadedModel, ids: list[int], past: KVBlock | None = None):
@@ -164,7 +165,7 @@ class ReuseEngine:
         ids, spans = agent.layout({k: c.ids for k, c in contents.items()})
         sync(lm.device)
         start = time.perf_counter()
-        matched: dict[str, float] = {}
+        used: dict = {}  # placeholder -> Match, for the placeholders whose offsets were used
         deferred = [n for n in agent.names if contents[n].base is None] if self.mode == "reuse" and self.config.defer_base else []
         if deferred:  # prefix caching over the template's exact first segment; bases encoded after the reply
             logits, cache = _run(lm, ids[tkv.p0.n :], tkv.p0)
@@ -176,7 +177,7 @@ class ReuseEngine:
             logits, cache, prefilled = self._prefix_call(agent, ids)
             path = "prefix"
         else:
-            logits, cache, path, prefilled, matched = self._reuse_call(agent, tkv, ids, spans, contents, request)
+            logits, cache, path, prefilled, used = self._reuse_call(agent, tkv, ids, spans, contents, request)
         sync(lm.device)
         ttft = time.perf_counter() - start
         if self.mode == "prefix":  # bookkeeping a paged prefix cache gets for free: not part of TTFT
@@ -188,7 +189,8 @@ class ReuseEngine:
         total = time.perf_counter() - start
         reply_base = self.handoff(move(lm, cache_to_block(cache, len(ids), len(ids) + len(reply_ids)), -len(ids))) if reply_ids else None
         return CallResult(agent.agent_id, path, reply_ids, Content(list(reply_ids), reply_base), ttft, total,
-                          len(ids), prefilled, matched)
+                          len(ids), prefilled, {k: m.entropy for k, m in used.items()},
+                          distances={k: m.distance for k, m in used.items() if m.distance is not None})
 
     def _prefix_call(self, agent: AgentTemplate, ids: list[int]):
         store = self._prefix_store.setdefault(agent.agent_id, [])
@@ -236,7 +238,7 @@ class ReuseEngine:
         with record_function("kvcomm.reuse.assemble"):
             full, offsets = self._assemble(agent, tkv, spans, bases, matches)
         t = self._tail_start(spans, len(ids))
-        entropies = {k: m.entropy for k, m in matches.items() if m is not None}
+        used = {k: m for k, m in matches.items() if m is not None}
         if cfg.recompute > 0 or failed:
             forced = _failed_positions(agent, spans, failed, t)
             picked, extra = [], 0.0
@@ -248,10 +250,10 @@ class ReuseEngine:
             if failed:
                 self._record(agent, tkv, cache, spans, contents, bases, matches, agent_key, request)
             return (logits, cache, "partial" if failed else "reuse", prefilled + len(ids) - t + len(picked) + round(extra),
-                    entropies)
+                    used)
         with record_function("kvcomm.reuse.forward"):
             logits, cache = _run(lm, ids[t:], full.slice(0, t))
-        return logits, cache, "reuse", prefilled + len(ids) - t, entropies
+        return logits, cache, "reuse", prefilled + len(ids) - t, used
 
     def _assemble(self, agent, tkv: TemplateKV, spans, bases, matches) -> tuple[KVBlock, list[torch.Tensor]]:
         """The prompt's KV from template KV, bases and matched offsets, and (for offset-ranked recompute

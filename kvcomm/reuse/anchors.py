@@ -174,7 +174,7 @@ class PoolConfig:
     `max_distance` (None: off): a second test, not in the paper, that also requires the nearest anchor
     within that relative distance d = RMS(v − v_anchor) / RMS(v). The entropy test asks whether one
     anchor stands out, not whether it is close; measured on Qwen2.5-Coder in float32, the calls whose
-    replies left dense's had no higher entropy than those that stayed (docs/reuse.md). `inf` gates nothing
+    replies left dense's had barely higher entropy than those that stayed (docs/reuse.md). `inf` gates nothing
     and records each match's distance in the call results, to choose a threshold from."""
 
     max_anchors: int = 20

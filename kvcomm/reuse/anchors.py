@@ -47,7 +47,7 @@ from torch.profiler import record_function
 
 from kvcomm.core.kv import KVBlock
 from kvcomm.core.quant import DEFAULT_GROUP_SIZE, DENSE, PRECISIONS, Quantized, dequantize, quantize
-from kvcomm.reuse.weighing import blend_pair, weigh
+from kvcomm.reuse.weighing import blend_pair, global_distances, weigh
 
 
 def content_key(ids) -> str:
@@ -248,7 +248,7 @@ class AnchorPool:
             weighed = [self._weigh(q, c, row) for (q, c), row in zip(live, rows)]
             if gate:
                 for p in weighed:
-                    p.row[-1] = p.d_tok.mean(1).sqrt().min() / p.row[1]
+                    p.row[-1] = global_distances(p.d_tok, p.row[1]).min()
         with record_function("kvcomm.match.read_back"):
             host = iter(rows.tolist())
         pending = iter(weighed)

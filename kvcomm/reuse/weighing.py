@@ -65,11 +65,18 @@ def weigh(v: torch.Tensor, anchors: list[torch.Tensor], tau: float, row: torch.T
         return match_kernel.weigh(v, anchors, tau, row)
     d_tok, d_ch, mean_sq = square_distances(v, anchors)
     scale = mean_sq.sqrt().clamp_min(1e-6)
-    w = torch.softmax(-(d_tok.mean(1).sqrt() / scale) / tau, dim=0)  # every token has as many entries: the mean of means
+    w = torch.softmax(-global_distances(d_tok, scale) / tau, dim=0)
     row[0] = -(w * torch.log(w.clamp_min(1e-30))).sum()
     row[1] = scale
     row[2 : 2 + len(anchors)] = w
     return d_tok, d_ch, 1.0
+
+
+def global_distances(d_tok: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Each anchor's d = RMS(v - anchor) / RMS(v) from `weigh`'s per-token mean squares [A, n] and the scale
+    it wrote into row[1] (every token has as many entries, so the mean of the means is the global mean).
+    The Triton path computes the same inside `match_kernel.summarize`."""
+    return d_tok.mean(1).sqrt() / scale
 
 
 def blend_pair(keys: list[torch.Tensor], values: list[torch.Tensor], d: torch.Tensor, per_token: bool, norm: float,

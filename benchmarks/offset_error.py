@@ -36,7 +36,8 @@ from kvcomm.core.rope import rerotate
 from kvcomm.reuse.anchors import AnchorPool
 from kvcomm.reuse.assembly import add_offset, assemble
 from kvcomm.reuse.blend import choose, recompute
-from kvcomm.reuse.engine import Content, ReuseConfig, ReuseEngine
+from kvcomm.reuse.config import ReuseConfig
+from kvcomm.reuse.engine import Content, ReuseEngine
 
 RESIDUALS = (0.05, 0.1, 0.2, 0.4)  # the a of the true×(1-a) rows
 

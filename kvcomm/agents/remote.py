@@ -41,7 +41,8 @@ from kvcomm.agents.wire import block_from_bytes, block_to_bytes, require_ray
 from kvcomm.core.fingerprint import fingerprint
 from kvcomm.core.message import decode, encode
 from kvcomm.reuse.anchors import PoolConfig
-from kvcomm.reuse.engine import CallResult, Content, ReuseConfig, ReuseEngine
+from kvcomm.reuse.config import ReuseConfig
+from kvcomm.reuse.engine import CallResult, Content, ReuseEngine
 from kvcomm.sharing.prompts import DEFAULT_LAYOUT
 
 __all__ = ["AgentActor", "PoolActor", "RayConfig", "RayEngine", "RemotePool", "ReplicaPool", "ShareActor",

@@ -14,7 +14,8 @@ from kvcomm.agents.workloads import Workload, math_items  # noqa: E402
 from kvcomm.core.errors import IncompatibleModelError  # noqa: E402
 from kvcomm.core.models import load_model  # noqa: E402
 from kvcomm.reuse.anchors import PoolConfig  # noqa: E402
-from kvcomm.reuse.engine import ReuseConfig, ReuseEngine  # noqa: E402
+from kvcomm.reuse.config import ReuseConfig  # noqa: E402
+from kvcomm.reuse.engine import ReuseEngine  # noqa: E402
 
 ROLES = ["you are one", "you are two", "you are three"]
 

@@ -17,7 +17,8 @@ from conftest import make_tiny
 from kvcomm.agents.runner import MultiAgentRunner, reuse_rate
 from kvcomm.agents.workloads import Item, Workload, math_items
 from kvcomm.reuse.anchors import AnchorPool
-from kvcomm.reuse.engine import ReuseConfig, ReuseEngine
+from kvcomm.reuse.config import ReuseConfig
+from kvcomm.reuse.engine import ReuseEngine
 
 pytestmark = pytest.mark.slow  # 2,000 agent calls
 CALLS, WORKERS, BUDGET = 2000, 8, 600_000

@@ -152,7 +152,8 @@ def test_runner_replies_are_the_same_with_the_server():
     from kvcomm.agents.runner import MultiAgentRunner
     from kvcomm.agents.workloads import Workload, math_items
     from kvcomm.reuse.anchors import AnchorPool
-    from kvcomm.reuse.engine import ReuseConfig, ReuseEngine
+    from kvcomm.reuse.config import ReuseConfig
+    from kvcomm.reuse.engine import ReuseEngine
 
     lm = make_tiny("llama", seed=1)
     items = math_items(8, seed=7)

@@ -11,7 +11,8 @@ from kvcomm.agents.workloads import Workload, math_items
 from kvcomm.core.kv import KVBlock
 from kvcomm.core.quant import part_shapes, relative_error
 from kvcomm.reuse.anchors import AgentDelta, AnchorPool, PackedBlock, PoolConfig
-from kvcomm.reuse.engine import ReuseConfig, ReuseEngine
+from kvcomm.reuse.config import ReuseConfig
+from kvcomm.reuse.engine import ReuseEngine
 
 L, H, D = 4, 2, 16
 AGENTS = ("a0", "a1", "a2", "a3")

@@ -13,7 +13,8 @@ from kvcomm.agents.runner import MultiAgentRunner
 from kvcomm.agents.workloads import Workload, math_items
 from kvcomm.core.kv import KVBlock
 from kvcomm.reuse.anchors import AgentDelta, AnchorPool, PoolConfig
-from kvcomm.reuse.engine import ReuseConfig, ReuseEngine
+from kvcomm.reuse.config import ReuseConfig
+from kvcomm.reuse.engine import ReuseEngine
 
 
 def _block(n, value, layers=2):

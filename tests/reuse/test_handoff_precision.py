@@ -9,7 +9,8 @@ from conftest import make_tiny
 from kvcomm.agents.runner import MultiAgentRunner
 from kvcomm.agents.workloads import Workload, math_items
 from kvcomm.core.quant import relative_error
-from kvcomm.reuse.engine import Content, ReuseConfig, ReuseEngine
+from kvcomm.reuse.config import ReuseConfig
+from kvcomm.reuse.engine import Content, ReuseEngine
 
 
 def _run(lm, precision, mode="reuse"):

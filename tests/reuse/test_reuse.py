@@ -11,7 +11,8 @@ from kvcomm.agents.workloads import Item, Workload, grade_math, math_items
 from kvcomm.core.errors import DataError
 from kvcomm.core.kv import KVBlock, cache_to_block, move, prefill
 from kvcomm.reuse.anchors import AgentDelta, AnchorPool
-from kvcomm.reuse.engine import Content, ReuseConfig, ReuseEngine
+from kvcomm.reuse.config import ReuseConfig
+from kvcomm.reuse.engine import Content, ReuseEngine
 from kvcomm.reuse.templates import AgentTemplate, Template
 
 

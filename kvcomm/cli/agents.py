@@ -18,6 +18,18 @@ from kvcomm.cli.common import (
 )
 
 
+def placeholder_names(value: str) -> tuple[str, ...]:
+    """A comma list of placeholder names, each checked against the template syntax (a typo is an error,
+    not a setting that silently matches nothing)."""
+    from kvcomm.reuse.templates import VALID
+
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    bad = [n for n in names if not VALID.match(n)]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{', '.join(bad)}: not a placeholder name (user_question, agent_<id>_current, ...)")
+    return names
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("agents", help="multi-agent workload in dense / prefix / reuse modes, side by side",
                        description="Run a multi-agent workload in several execution modes on the same items and "
@@ -60,6 +72,10 @@ def add_parser(sub) -> None:
                    help="a second shareability test (not in the paper): the nearest anchor's relative value distance "
                         "must be ≤ D as well; 'inf' gates nothing and records each match's distance in the rows "
                         "(default: off)")
+    p.add_argument("--never-share", type=placeholder_names, default=(), metavar="NAMES",
+                   help="placeholders never reused, e.g. user_question or agent_0_current (comma list; not in the "
+                        "paper): their KV is always recomputed with +partial, else the call is prefilled densely; "
+                        "to measure which placeholders' offsets cost agreement (default: none)")
     p.add_argument("--max-anchors", type=positive_int, default=20, help="anchors per placeholder V (default 20)")
     p.add_argument("--pool-bytes", type=positive_int, default=2 << 30, help="byte budget of the anchor pool")
     p.add_argument("--offset-precision", choices=["bf16", "fp16", "fp32", "fp8", "int8", "int4"],
@@ -127,7 +143,7 @@ def config_of(args):
                                           refresh_tail=args.refresh_tail, kv_precision=args.precision),
                         pool=PoolConfig(max_anchors=args.max_anchors, byte_budget=args.pool_bytes, gamma=args.gamma,
                                         tau=args.tau, offset_precision=args.offset_precision,
-                                        max_distance=args.max_distance),
+                                        max_distance=args.max_distance, never_share=args.never_share),
                         cluster=cluster)
 
 

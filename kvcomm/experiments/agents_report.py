@@ -71,7 +71,8 @@ def run_meta(lm, c: AgentsConfig, n_items: int) -> dict:
             "dtype": str(lm.dtype).removeprefix("torch.") if lm else None,
             "backend": "ray" if c.cluster is not None else "local", "concurrency": c.concurrency,
             "batch_decode": c.batch_decode and c.cluster is None, "gamma": c.pool.gamma,
-            "tau": c.pool.tau, "max_distance": c.pool.max_distance, "sink_head": c.reuse.sink_head,
+            "tau": c.pool.tau, "max_distance": c.pool.max_distance, "never_share": list(c.pool.never_share),
+            "sink_head": c.reuse.sink_head,
             "offset_precision": c.pool.offset_precision,
             "kv_precision": c.reuse.kv_precision,
             "refresh_tail": c.reuse.refresh_tail, "max_new_tokens": c.reuse.max_new_tokens, "seed": c.seed,
@@ -90,6 +91,8 @@ def run_settings(lm, c: AgentsConfig) -> dict:
                 "shards": c.shard[1]}
     if c.pool.max_distance is not None:  # absent when off, so runs from before the option still resume
         settings["max_distance"] = c.pool.max_distance
+    if c.pool.never_share:  # likewise
+        settings["never_share"] = sorted(c.pool.never_share)
     if c.shard[1] > 1:
         settings["limit"] = c.limit
     if c.batch_decode and c.cluster is None:  # batch-B numerics (bf16) may change replies; absent when off,

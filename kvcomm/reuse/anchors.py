@@ -47,6 +47,7 @@ from torch.profiler import record_function
 
 from kvcomm.core.kv import KVBlock
 from kvcomm.core.quant import DEFAULT_GROUP_SIZE, DENSE, PRECISIONS, Quantized, dequantize, quantize
+from kvcomm.reuse.templates import VALID
 from kvcomm.reuse.weighing import blend_pair, global_distances, weigh
 
 
@@ -175,7 +176,10 @@ class PoolConfig:
     within that relative distance d = RMS(v − v_anchor) / RMS(v). The entropy test asks whether one
     anchor stands out, not whether it is close; measured on Qwen2.5-Coder in float32, the calls whose
     replies left dense's had barely higher entropy than those that stayed (docs/reuse.md). `inf` gates nothing
-    and records each match's distance in the call results, to choose a threshold from."""
+    and records each match's distance in the call results, to choose a threshold from. `never_share` (not in
+    the paper): placeholder names that are never matched, so their KV is always recomputed (`+partial`) or
+    sends the call to the dense fallback; an experiment's knob to find which placeholders' offsets cost
+    agreement (docs/reuse.md)."""
 
     max_anchors: int = 20
     byte_budget: int = 2 << 30
@@ -185,6 +189,7 @@ class PoolConfig:
     offset_precision: str | None = None
     offset_group_size: int = DEFAULT_GROUP_SIZE
     max_distance: float | None = None
+    never_share: tuple[str, ...] = ()
 
     def build(self) -> AnchorPool:
         return AnchorPool(**asdict(self))
@@ -204,7 +209,11 @@ class KVPool(Protocol):
 class AnchorPool:
     def __init__(self, max_anchors: int = 20, byte_budget: int = 2 << 30, gamma: float = 0.3, tau: float = 0.003,
                  oldest_window: int = 5, offset_precision: str | None = None, offset_group_size: int = DEFAULT_GROUP_SIZE,
-                 max_distance: float | None = None):
+                 max_distance: float | None = None, never_share: tuple[str, ...] = ()):
+        bad = [n for n in never_share if not VALID.match(n)]
+        if bad:
+            raise ValueError(f"never_share: {', '.join(bad)} is not a placeholder name (user_question, agent_<id>_current, ...)")
+        self.never_share = frozenset(never_share)
         if offset_precision is not None and offset_precision not in PRECISIONS:
             raise ValueError(f"offset_precision must be None or one of {', '.join(PRECISIONS)}, got {offset_precision!r}")
         if not isinstance(offset_group_size, int) or offset_group_size < 1:
@@ -237,7 +246,8 @@ class AnchorPool:
         every distance, weight and entropy is queued on the device into one buffer and read back in one
         copy, then the shareable ones get their offsets (one host sync per call, not per placeholder)."""
         with self._lock:
-            found = [self._candidates(name, agent_key, base.n) for name, agent_key, base in queries]
+            found = [[] if name in self.never_share else self._candidates(name, agent_key, base.n)
+                     for name, agent_key, base in queries]
         live = [(q, c) for q, c in zip(queries, found) if c]
         if not live:
             return [None] * len(queries)

@@ -4,7 +4,9 @@ Usage: python benchmarks/offset_error.py [--anchors 3] [--questions 20] [--no-si
 
 Agent 0 of the 5-agent math runner reads only `{user_question}`. The first `--anchors` questions are
 recorded as anchors (dense prefill + deltas); each later question's KV is then assembled several ways:
-with zero offsets (re-rotation only), with the anchor-estimated offsets (what reuse does), the same
+with zero offsets (re-rotation only), with the anchor-estimated offsets (what reuse does), with the estimated offsets of the segment after the
+placeholder only (`segment-only`: the placeholder re-rotated, no offset) or with the placeholder's key
+offsets but not its value offsets (`keys-only`), the same
 followed by a real prefill of the prompt's last template segment over the assembled KV (`+tail`, what
 `--refresh-tail` does), with the true offsets (an oracle; equals dense), and two probes of what a better
 estimate would buy:
@@ -90,7 +92,7 @@ def main() -> None:
         pool.commit(req)
     tkv = eng.template_kv(agent)
 
-    variants = ("zero", "estimated", "estimated+tail", "blend", "token-nearest", "oracle", *(f"true*(1-{a})" for a in RESIDUALS))
+    variants = ("zero", "estimated", "segment-only", "keys-only", "estimated+tail", "blend", "token-nearest", "oracle", *(f"true*(1-{a})" for a in RESIDUALS))
     if args.variants:
         variants = tuple(v for v in variants if v in args.variants.split(","))
     stats = {v: {"key_err": [], "value_err": [], "first_token": 0, "reply": 0, "layer_value_err": [], "token_value_err": []}
@@ -113,7 +115,9 @@ def main() -> None:
                  KVBlock(torch.zeros_like(tkv.segments[0].k), torch.zeros_like(tkv.segments[0].v)))
         oracle = (move(lm, true.slice(a, b), -a) - base, move(lm, true.slice(sa, sb), -sa) - tkv.segments[0])
         est = (m.placeholder_offset, m.segment_offset)
-        offsets = {"zero": zeros, "estimated": est, "estimated+tail": est, "blend": est, "oracle": oracle}
+        offsets = {"zero": zeros, "estimated": est, "segment-only": (zeros[0], est[1]),
+                   "keys-only": (KVBlock(est[0].k, zeros[0].v), est[1]), "estimated+tail": est, "blend": est,
+                   "oracle": oracle}
         if "token-nearest" in variants:
             offsets["token-nearest"] = (token_nearest(lm, pool.anchors("user_question"), agent.pool_key, base), est[1])
         for r in RESIDUALS:

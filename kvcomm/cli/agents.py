@@ -18,16 +18,14 @@ from kvcomm.cli.common import (
 )
 
 
-def placeholder_names(value: str) -> tuple[str, ...]:
-    """A comma list of placeholder names, each checked against the template syntax (a typo is an error,
-    not a setting that silently matches nothing)."""
-    from kvcomm.reuse.templates import VALID
+def placeholder_list(value: str) -> tuple[str, ...]:
+    """A comma list of placeholder names (`kvcomm.reuse.templates.placeholder_names` checks them)."""
+    from kvcomm.reuse.templates import placeholder_names
 
-    names = tuple(n.strip() for n in value.split(",") if n.strip())
-    bad = [n for n in names if not VALID.match(n)]
-    if bad:
-        raise argparse.ArgumentTypeError(f"{', '.join(bad)}: not a placeholder name (user_question, agent_<id>_current, ...)")
-    return names
+    try:
+        return placeholder_names(n.strip() for n in value.split(",") if n.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_parser(sub) -> None:
@@ -72,7 +70,7 @@ def add_parser(sub) -> None:
                    help="a second shareability test (not in the paper): the nearest anchor's relative value distance "
                         "must be ≤ D as well; 'inf' gates nothing and records each match's distance in the rows "
                         "(default: off)")
-    p.add_argument("--never-share", type=placeholder_names, default=(), metavar="NAMES",
+    p.add_argument("--never-share", type=placeholder_list, default=(), metavar="NAMES",
                    help="placeholders never reused, e.g. user_question or agent_0_current (comma list; not in the "
                         "paper): their KV is always recomputed with +partial, else the call is prefilled densely; "
                         "to measure which placeholders' offsets cost agreement (default: none)")

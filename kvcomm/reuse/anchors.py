@@ -47,7 +47,7 @@ from torch.profiler import record_function
 
 from kvcomm.core.kv import KVBlock
 from kvcomm.core.quant import DEFAULT_GROUP_SIZE, DENSE, PRECISIONS, Quantized, dequantize, quantize
-from kvcomm.reuse.templates import VALID
+from kvcomm.reuse.templates import placeholder_names
 from kvcomm.reuse.weighing import blend_pair, global_distances, weigh
 
 
@@ -210,10 +210,6 @@ class AnchorPool:
     def __init__(self, max_anchors: int = 20, byte_budget: int = 2 << 30, gamma: float = 0.3, tau: float = 0.003,
                  oldest_window: int = 5, offset_precision: str | None = None, offset_group_size: int = DEFAULT_GROUP_SIZE,
                  max_distance: float | None = None, never_share: tuple[str, ...] = ()):
-        bad = [n for n in never_share if not VALID.match(n)]
-        if bad:
-            raise ValueError(f"never_share: {', '.join(bad)} is not a placeholder name (user_question, agent_<id>_current, ...)")
-        self.never_share = frozenset(never_share)
         if offset_precision is not None and offset_precision not in PRECISIONS:
             raise ValueError(f"offset_precision must be None or one of {', '.join(PRECISIONS)}, got {offset_precision!r}")
         if not isinstance(offset_group_size, int) or offset_group_size < 1:
@@ -221,6 +217,10 @@ class AnchorPool:
         if max_distance is not None and not max_distance > 0:
             raise ValueError(f"max_distance must be None or > 0, got {max_distance!r}")
         self.max_distance = max_distance
+        try:
+            self.never_share = frozenset(placeholder_names(never_share))
+        except ValueError as e:
+            raise ValueError(f"never_share: {e}") from None
         self.offset_precision = offset_precision
         self.offset_group_size = offset_group_size
         self.max_anchors = max_anchors

@@ -23,6 +23,16 @@ PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_]+)\}")
 VALID = re.compile(r"^(user_question|condition_[A-Za-z0-9]+_(current|history_\d+)|agent_[A-Za-z0-9]+_(current|history_\d+))$")
 
 
+def placeholder_names(names) -> tuple[str, ...]:
+    """`names` as a tuple, each checked against the placeholder syntax: a ValueError names the bad ones, so a
+    typo in a setting is an error rather than a name that silently matches nothing."""
+    names = tuple(names)
+    bad = [n for n in names if not VALID.match(n)]
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: not a placeholder name (user_question, agent_<id>_current, ...)")
+    return names
+
+
 @dataclass(frozen=True)
 class Template:
     """A parsed template: `texts` has one more element than `names` (p0, then p_i after φ_i)."""

@@ -42,6 +42,11 @@ class ReuseConfig:
                     grow with the placeholders per call. The cost: a placeholder after a reused one is recorded
                     from KV computed over reused (approximate) KV, not over a dense prefix, so its anchor carries
                     that error; the first placeholder after p0 sees only exact KV and is recorded exactly.
+    value_offsets   add each reused placeholder's estimated *value* offsets (the paper). False (setting suffix
+                    `+keysonly`) adds its key offsets only; the template segment after it keeps both. Beyond the
+                    paper. Why: on Qwen2.5-Coder-0.5B (gsm, float32, 19 questions, `benchmarks/offset_error.py
+                    --variants keys-only`) the estimated value offsets raised the placeholder's value error over
+                    none in 20 of 23 layers (0.245 vs 0.209 without them); anchors still record full deltas.
     kv_precision    precision of the KV one agent hands another (replies' KV, stand-alone contents' base
                     KV), as a KV message at that precision would deliver it: None = as computed; fp8/int8/
                     int4 quantized then dequantized (`kvcomm.core.quant`), bf16/fp16/fp32 a cast. The local
@@ -57,6 +62,7 @@ class ReuseConfig:
     offsets: bool = True
     defer_base: bool = False
     partial: bool = False
+    value_offsets: bool = True
     kv_precision: str | None = None
 
     def __post_init__(self):
@@ -68,15 +74,18 @@ class ReuseConfig:
             raise ValueError(f"kv_precision must be None or one of {', '.join(PRECISIONS)}, got {self.kv_precision!r}")
         if self.partial and not self.offsets:
             raise ValueError("partial needs offsets: without anchors no placeholder ever fails the entropy test")
+        if not self.value_offsets and not self.offsets:
+            raise ValueError("value_offsets=False needs offsets: without anchors there are no offsets to drop")
 
 
-FLAGS = {"defer": "defer_base", "partial": "partial"}
+FLAGS = {"defer": "defer_base", "partial": "partial", "keysonly": "value_offsets"}
+NEEDS_OFFSETS = ("partial", "keysonly")  # flags that only mean something with anchors and offsets
 
 
 def parse_setting(setting: str, base: ReuseConfig = ReuseConfig()) -> tuple[str, ReuseConfig]:
     """(engine mode, config) for a setting name: dense | prefix | reuse | blend@R[:select] | cacheblend@R[:select],
     the last three optionally followed by `+defer` (`ReuseConfig.defer_base`), reuse and blend also by
-    `+partial` (`ReuseConfig.partial`), in either order.
+    `+partial` (`ReuseConfig.partial`) and `+keysonly` (`ReuseConfig.value_offsets=False`), in any order.
 
     `blend@0.15` is the paper's reuse plus recompute of 15% of the reused tokens (picked by layer-1
     value deviation unless `:offset` or `:first` says otherwise); `cacheblend@0.15` the same without
@@ -84,11 +93,11 @@ def parse_setting(setting: str, base: ReuseConfig = ReuseConfig()) -> tuple[str,
     head, *flags = setting.split("+")
     mode, config = _parse_base(head, base)
     if mode is None or (flags and head.startswith(("dense", "prefix"))) or len(set(flags)) < len(flags) \
-            or any(f not in FLAGS for f in flags) or ("partial" in flags and not config.offsets):
+            or any(f not in FLAGS for f in flags) or (not config.offsets and any(f in NEEDS_OFFSETS for f in flags)):
         raise ValueError(f"unknown setting {setting!r}: use dense, prefix, reuse, blend@R[:select] or cacheblend@R[:select] "
                          f"with 0 <= R <= 1 and select in {SELECTORS}; reuse, blend and cacheblend may end in +defer, "
-                         f"reuse and blend in +partial")
-    return mode, replace(config, **{FLAGS[f]: True for f in flags})
+                         f"reuse and blend in +partial and +keysonly")
+    return mode, replace(config, **{FLAGS[f]: f != "keysonly" for f in flags})
 
 
 def _parse_base(name_at: str, base: ReuseConfig) -> tuple[str | None, ReuseConfig]:

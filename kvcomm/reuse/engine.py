@@ -15,12 +15,12 @@
           `refresh_tail` (prefill the last template segment, see `_tail_start`), `recompute` (also
           recompute a fraction of the reused tokens, `kvcomm.reuse.blend`), `offsets=False`
           (no anchors or offsets at all: re-rotated base KV plus recompute, the CacheBlend way),
-          `defer_base` and `partial` (see ReuseConfig).
+          `defer_base`, `partial` and `value_offsets` (see ReuseConfig).
 
 Settings name a mode and its options in one string (`parse_setting`): dense, prefix, reuse (the
 paper), blend@R[:select] (offsets + recompute of a fraction R), cacheblend@R[:select] (recompute
 without offsets); a trailing `+defer` on reuse, blend or cacheblend sets `defer_base`, `+partial` on reuse or
-blend sets `partial` (both may follow, in either order).
+blend sets `partial`, `+keysonly` on reuse or blend clears `value_offsets` (in any order).
 
 Timing: TTFT is measured from the start of the call to the first token's logits, including base-KV
 prefills, anchor matching and cache assembly. Template KV is precomputed when an agent template is
@@ -269,6 +269,8 @@ class ReuseEngine:
             else:
                 base, m = bases[kind], matches.get(kind)
                 offset = m.placeholder_offset if m is not None else None
+                if offset is not None and not cfg.value_offsets:  # `+keysonly`: the placeholder's key offsets only
+                    offset = KVBlock(offset.k[:, :, : base.n], torch.zeros_like(base.v))
             pieces.append(base)
             piece_offsets.append(offset)
             if by_offset:

@@ -49,7 +49,8 @@ class ReuseConfig:
                     none in 20 of 23 layers (0.245 vs 0.209 without them); anchors still record full deltas.
                     End to end it is worse (gsm, 3 agents, 50 items, float32: 68% of dense's answers and 58% of
                     its calls vs 80% / 72%; results/agents-gsm3-fp32-candidates-qwen0.5b): the probe saw only the
-                    stand-alone question; other agents' replies presumably need theirs. Kept to reproduce that.
+                    stand-alone question; without a reply's value offsets agent 1's first token leaves dense's on 4 more of 19
+                    items (benchmarks/offset_error_pair.py). Kept to reproduce that.
     kv_precision    precision of the KV one agent hands another (replies' KV, stand-alone contents' base
                     KV), as a KV message at that precision would deliver it: None = as computed; fp8/int8/
                     int4 quantized then dequantized (`kvcomm.core.quant`), bf16/fp16/fp32 a cast. The local

@@ -1,0 +1,128 @@
+"""Which reused placeholder's value offsets help? Agent 1's prompt, with the question and agent 0's reply both reused.
+
+Usage: python benchmarks/offset_error_pair.py [--model qwen2.5-coder-0.5b] [--anchors 6] [--questions 20]
+       [--reply-tokens 128] [--max-new-tokens 32] [--out F.json]
+
+`benchmarks/offset_error.py` measures agent 0's prompt, whose one placeholder is the stand-alone question. In the
+gsm runs the first reply to leave dense's is most often agent 1's, which reuses two placeholders of different kinds:
+the question (base KV encoded after the chat head) and agent 0's reply (agent 0's own in-context KV of it). This probe
+separates them. The 3-agent gsm runner's first `--anchors` items are recorded as anchors (dense prefills of agents 0
+and 1); for each later item, agent 0 replies (dense, up to `--reply-tokens`, the reply's KV kept as reuse hands it
+on), agent 1's prompt is prefilled densely (the reference) and assembled by the engine from the pool's matches
+(every match accepted) with:
+  estimated         the anchors' offsets, as reuse does
+  keys-only         no value offsets on either placeholder (`+keysonly`)
+  keys-only:q       no value offsets on the question only
+  keys-only:reply   no value offsets on agent 0's reply only
+  oracle            the true offsets (equals dense: a check of the assembly)
+For each: relative L2 value error against dense per placeholder (layers 1+), the first token and the greedy reply
+(`--max-new-tokens`) against dense's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from kvcomm.agents.runner import MultiAgentRunner
+from kvcomm.agents.workloads import load_workload
+from kvcomm.core.generation import greedy_continue
+from kvcomm.core.kv import KVBlock, cache_to_block, move, prefill
+from kvcomm.core.models import load_model
+from kvcomm.reuse.anchors import AnchorPool
+from kvcomm.reuse.config import ReuseConfig
+from kvcomm.reuse.engine import Content, ReuseEngine
+
+NAMES = ("user_question", "agent_0_current")
+VARIANTS = {"estimated": (), "keys-only": NAMES, "keys-only:q": ("user_question",), "keys-only:reply": ("agent_0_current",)}
+
+
+def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((x[1:].float() - y[1:].float()).norm() / y[1:].float().norm().clamp_min(1e-12))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b")
+    ap.add_argument("--anchors", type=int, default=6)
+    ap.add_argument("--questions", type=int, default=20)
+    ap.add_argument("--reply-tokens", type=int, default=128, help="agent 0's reply budget (anchors and new items)")
+    ap.add_argument("--max-new-tokens", type=int, default=32, help="agent 1's greedy reply compared with dense's")
+    ap.add_argument("--tau", type=float, default=0.003)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--out", help="also write the JSON summary here")
+    args = ap.parse_args()
+    lm = load_model(args.model, device=args.device)
+    wl = load_workload("gsm", args.anchors + args.questions)
+    pool = AnchorPool(gamma=1e9, tau=args.tau)  # no entropy gate: every placeholder is matched
+    speaker = ReuseEngine(lm, "reuse", pool=pool, config=ReuseConfig(max_new_tokens=args.reply_tokens), force_new_anchors=True)
+    listener = ReuseEngine(lm, "reuse", pool=pool, config=ReuseConfig(max_new_tokens=1), force_new_anchors=True)
+    runner = MultiAgentRunner(speaker, wl, 3)
+    agent0, agent1 = runner.templates[(0, 0)], runner.templates[(0, 1)]
+    tok = lm.tokenizer
+
+    def agent0_reply(question: list[int], request: str) -> Content:
+        return speaker.call(agent0, {"user_question": Content(question)}, request).reply
+
+    for it in wl.items[: args.anchors]:  # agent 0's and agent 1's prompts recorded as anchors
+        req, q = uuid.uuid4().hex, tok(it.question, add_special_tokens=False)["input_ids"]
+        listener.call(agent1, {"user_question": Content(q), "agent_0_current": agent0_reply(q, req)}, req)
+        pool.commit(req)
+
+    tkv = listener.template_kv(agent1)
+    stats = {v: {"first_token": 0, "reply": 0, **{f"value_err:{n}": [] for n in NAMES}} for v in (*VARIANTS, "oracle")}
+    used = 0
+    for it in wl.items[args.anchors :]:
+        req, q = uuid.uuid4().hex, tok(it.question, add_special_tokens=False)["input_ids"]
+        reply = agent0_reply(q, req)
+        pool.discard(req)  # the pool stays as the anchors left it
+        contents = {"user_question": Content(q), "agent_0_current": reply}
+        ids, spans = agent1.layout({k: c.ids for k, c in contents.items()})
+        logits, cache, _ = prefill(lm, ids)
+        true = cache_to_block(cache, 0, len(ids))
+        dense_reply = greedy_continue(lm, cache, logits[0, -1], len(ids), args.max_new_tokens, listener.stops, feed_last=True)
+        bases = {n: listener.base_kv(contents[n])[0] for n in NAMES}
+        found = pool.match_many([(n, agent1.pool_key, bases[n]) for n in NAMES])
+        if any(m is None for m in found):  # no anchor long enough: reuse would recompute it
+            continue
+        used += 1
+        matches = dict(zip(NAMES, found))
+        where = {n: (spans[2 * i + 1][1:], spans[2 * i + 2][1:]) for i, n in enumerate(NAMES)}
+        oracle = {n: replace(matches[n], placeholder_offset=move(lm, true.slice(*p), -p[0]) - bases[n],
+                             segment_offset=move(lm, true.slice(*s), -s[0]) - tkv.segments[i])
+                  for i, (n, (p, s)) in enumerate(where.items())}
+        for name in stats:
+            if name == "oracle":
+                ms = oracle
+            else:
+                ms = {n: replace(m, placeholder_offset=KVBlock(m.placeholder_offset.k, torch.zeros_like(m.placeholder_offset.v)))
+                      if n in VARIANTS[name] else m for n, m in matches.items()}
+            full, _ = listener._assemble(agent1, tkv, spans, bases, ms)
+            t = len(ids) - 1
+            lg, c2, _ = prefill(lm, ids[t:], full.slice(0, t))
+            out = greedy_continue(lm, c2, lg[0, -1], len(ids), args.max_new_tokens, listener.stops, feed_last=True)
+            s = stats[name]
+            s["first_token"] += int(lg[0, -1].argmax() == logits[0, -1].argmax())
+            s["reply"] += int(out == dense_reply)
+            for n, (p, _) in where.items():
+                s[f"value_err:{n}"].append(_rel(full.v[:, :, p[0] : p[1]], true.v[:, :, p[0] : p[1]]))
+        print(f"item {it.id}: " + "  ".join(f"{k} {v['reply']}" for k, v in stats.items()), flush=True)
+    out = {"args": vars(args), "items": used}
+    for name, s in stats.items():
+        out[name] = {"first_token_equal": s["first_token"] / max(1, used), "reply_equal": s["reply"] / max(1, used),
+                     **{k: sum(v) / max(1, len(v)) for k, v in s.items() if k.startswith("value_err")}}
+        print(f"{name:16s} value err question {out[name]['value_err:user_question']:.3f}  reply "
+              f"{out[name]['value_err:agent_0_current']:.3f}  first token = dense {s['first_token']}/{used}  "
+              f"reply = dense {s['reply']}/{used}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -82,7 +82,7 @@ class ReuseConfig:
             raise ValueError("value_offsets=False needs offsets: without anchors there are no offsets to drop")
 
 
-FLAGS = {"defer": "defer_base", "partial": "partial", "keysonly": "value_offsets"}
+FLAGS = {"defer": ("defer_base", True), "partial": ("partial", True), "keysonly": ("value_offsets", False)}  # flag -> (field, value)
 NEEDS_OFFSETS = ("partial", "keysonly")  # flags that only mean something with anchors and offsets
 
 
@@ -101,7 +101,7 @@ def parse_setting(setting: str, base: ReuseConfig = ReuseConfig()) -> tuple[str,
         raise ValueError(f"unknown setting {setting!r}: use dense, prefix, reuse, blend@R[:select] or cacheblend@R[:select] "
                          f"with 0 <= R <= 1 and select in {SELECTORS}; reuse, blend and cacheblend may end in +defer, "
                          f"reuse and blend in +partial and +keysonly")
-    return mode, replace(config, **{FLAGS[f]: f != "keysonly" for f in flags})
+    return mode, replace(config, **dict(FLAGS[f] for f in flags))
 
 
 def _parse_base(name_at: str, base: ReuseConfig) -> tuple[str | None, ReuseConfig]:

@@ -125,6 +125,9 @@ class RayEngine:
                  pool: PoolConfig = PoolConfig(), cluster: RayConfig = RayConfig()):
         from kvcomm.core.models import load_tokenizer
 
+        if mode == "relay":  # it reads the previous agent's conversation KV, which no message carries
+            raise ValueError("the relay mode needs every agent in one process: the Ray backend does not ship the "
+                             "transcripts it reuses; run it without --ray")
         ray = _ray()
         if not ray.is_initialized():
             ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False,

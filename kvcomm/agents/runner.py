@@ -150,9 +150,12 @@ def _call_record(c: CallResult, tok) -> dict:
     return d
 
 
+REUSED = ("reuse", "relay")  # call paths that reuse KV without a prefill of it
+
+
 def reuse_rate(results: list[ItemResult], skip_items: int = 0) -> float:
     calls = [c for r in results[skip_items:] for c in r.calls]
-    return sum(c["path"] == "reuse" for c in calls) / max(1, len(calls))
+    return sum(c["path"] in REUSED for c in calls) / max(1, len(calls))
 
 
 def make_engine(lm: LoadedModel | None, setting: str, config: ReuseConfig = ReuseConfig(), pool: PoolConfig = PoolConfig(),

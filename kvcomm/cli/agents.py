@@ -45,7 +45,9 @@ def add_parser(sub) -> None:
     p.add_argument("--rounds", type=positive_int, default=1)
     p.add_argument("--mode", action="append", type=setting,
                    help="execution setting; repeat to compare (default: dense and reuse): dense, prefix (exact prefix "
-                        "caching), reuse (KVCOMM's offsets), blend@R[:select] (offsets + recompute of a fraction R of the "
+                        "caching), relay (each agent reuses the previous agent's KV of the conversation both prompts "
+                        "share past the role line, and prefills the newest reply; no anchors; local backend only), "
+                        "reuse (KVCOMM's offsets), blend@R[:select] (offsets + recompute of a fraction R of the "
                         "reused tokens, picked by deviation, offset or first), cacheblend@R[:select] (recompute without offsets); "
                         "append +defer to reuse/blend/cacheblend to run the agent that first meets the question on its cached "
                         "prefix and encode the question's base KV after its reply; append +partial to reuse/blend to reuse the "

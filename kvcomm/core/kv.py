@@ -58,6 +58,11 @@ class KVBlock:
     def to_dtype(self, dtype: torch.dtype) -> KVBlock:
         return KVBlock(self.k.to(dtype), self.v.to(dtype))
 
+    @staticmethod
+    def cat(blocks: list[KVBlock]) -> KVBlock:
+        """The blocks one after another along the token axis."""
+        return KVBlock(torch.cat([b.k for b in blocks], 2), torch.cat([b.v for b in blocks], 2))
+
 
 def ids_tensor(ids, device) -> torch.Tensor:
     """Token ids (a list or a 1-D/2-D tensor) as a [1, n] long tensor on `device`."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvcomm.agents.remote import RayConfig
-from kvcomm.agents.runner import MultiAgentRunner, make_engine
+from kvcomm.agents.runner import REUSED, MultiAgentRunner, make_engine
 from kvcomm.agents.workloads import load_workload
 from kvcomm.core import batch_decode
 from kvcomm.core.errors import DataError
@@ -203,7 +203,7 @@ def mode_summary(rows: list[dict], max_new_tokens: int, warmup: int) -> dict:
         "accuracy": sum(r["correct"] for r in rows) / max(1, len(rows)),
         "reuse_rate": _reuse_rate(rows),
         "reuse_rate_after_warmup": _reuse_rate(warm),
-        "partial_rate_after_warmup": _reuse_rate(warm, "partial"),
+        "partial_rate_after_warmup": _reuse_rate(warm, ("partial",)),
         "prefilled_tokens": sum(c["prefilled_tokens"] for c in calls),
         "prompt_tokens": sum(c["prompt_tokens"] for c in calls),
         "wire_bytes": sum(c.get("wire_bytes", 0) for c in calls),
@@ -216,10 +216,11 @@ def mode_summary(rows: list[dict], max_new_tokens: int, warmup: int) -> dict:
     }
 
 
-def _reuse_rate(rows: list[dict], path: str = "reuse") -> float:
-    """Share of the calls that took `path` (reuse: every placeholder reused; partial: some of them)."""
+def _reuse_rate(rows: list[dict], paths: tuple[str, ...] = REUSED) -> float:
+    """Share of the calls that took one of `paths` (reuse and relay: every reused token's KV reused without
+    a prefill; partial: some placeholders reused, the others recomputed)."""
     calls = [c for r in rows for c in r["calls"]]
-    return sum(c["path"] == path for c in calls) / max(1, len(calls))
+    return sum(c["path"] in paths for c in calls) / max(1, len(calls))
 
 
 def cap_share(rows: list[dict], max_new_tokens: int, final_only: bool = False) -> float:

@@ -37,8 +37,7 @@ def assemble(lm, p0: KVBlock, spans, pieces: list[KVBlock], offsets: list[KVBloc
         return _assemble_fused(lm, p0, spans, pieces, offsets)
     pieces = [add_offset(p, o) if o is not None else p for p, o in zip(pieces, offsets)]
     shifts = [torch.zeros(p0.n, dtype=torch.long)] + [torch.full((b - a,), a, dtype=torch.long) for _, a, b in spans[1:]]
-    blocks = [p0, *pieces]
-    full = KVBlock(torch.cat([p.k for p in blocks], 2), torch.cat([p.v for p in blocks], 2))
+    full = KVBlock.cat([p0, *pieces])
     return KVBlock(rerotate(lm.model, full.k, torch.cat(shifts)), full.v)
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from kvcomm.core.quant import PRECISIONS
 from kvcomm.reuse.blend import SELECTORS
 
-MODES = ("dense", "prefix", "reuse")
+MODES = ("dense", "prefix", "relay", "reuse")
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ NEEDS_OFFSETS = ("partial", "keysonly")  # flags that only mean something with a
 
 
 def parse_setting(setting: str, base: ReuseConfig = ReuseConfig()) -> tuple[str, ReuseConfig]:
-    """(engine mode, config) for a setting name: dense | prefix | reuse | blend@R[:select] | cacheblend@R[:select],
+    """(engine mode, config) for a setting name: dense | prefix | relay | reuse | blend@R[:select] | cacheblend@R[:select],
     the last three optionally followed by `+defer` (`ReuseConfig.defer_base`), reuse and blend also by
     `+partial` (`ReuseConfig.partial`) and `+keysonly` (`ReuseConfig.value_offsets=False`), in any order.
 
@@ -96,9 +96,9 @@ def parse_setting(setting: str, base: ReuseConfig = ReuseConfig()) -> tuple[str,
     anchors or offsets."""
     head, *flags = setting.split("+")
     mode, config = _parse_base(head, base)
-    if mode is None or (flags and head.startswith(("dense", "prefix"))) or len(set(flags)) < len(flags) \
+    if mode is None or (flags and head.startswith(("dense", "prefix", "relay"))) or len(set(flags)) < len(flags) \
             or any(f not in FLAGS for f in flags) or (not config.offsets and any(f in NEEDS_OFFSETS for f in flags)):
-        raise ValueError(f"unknown setting {setting!r}: use dense, prefix, reuse, blend@R[:select] or cacheblend@R[:select] "
+        raise ValueError(f"unknown setting {setting!r}: use dense, prefix, relay, reuse, blend@R[:select] or cacheblend@R[:select] "
                          f"with 0 <= R <= 1 and select in {SELECTORS}; reuse, blend and cacheblend may end in +defer, "
                          f"reuse and blend in +partial and +keysonly")
     return mode, replace(config, **dict(FLAGS[f] for f in flags))

@@ -1,4 +1,4 @@
-"""Cross-context KV reuse (KVCOMM, Ye et al. 2025): one agent call in one of three modes.
+"""Cross-context KV reuse (KVCOMM, Ye et al. 2025): one agent call in one of four modes.
 
   dense   prefill the whole prompt (the reference).
   prefix  plain prefix caching: reuse the KV of the longest exact token prefix this agent has
@@ -16,8 +16,12 @@
           recompute a fraction of the reused tokens, `kvcomm.reuse.blend`), `offsets=False`
           (no anchors or offsets at all: re-rotated base KV plus recompute, the CacheBlend way),
           `defer_base`, `partial` and `value_offsets` (see ReuseConfig).
+  relay   beyond both papers: p0 exact, then the KV the previous agent computed for the conversation
+          both prompts share (the question and the replies before the newest, read from the replies'
+          `Transcript`s), keys moved to this prompt's positions, no offsets; the rest (the newest reply
+          and the closing segment) is prefilled over it. See `kvcomm.reuse.relay`.
 
-Settings name a mode and its options in one string (`parse_setting`): dense, prefix, reuse (the
+Settings name a mode and its options in one string (`parse_setting`): dense, prefix, relay, reuse (the
 paper), blend@R[:select] (offsets + recompute of a fraction R), cacheblend@R[:select] (recompute
 without offsets); a trailing `+defer` on reuse, blend or cacheblend sets `defer_base`, `+partial` on reuse or
 blend sets `partial`, `+keysonly` on reuse or blend clears `value_offsets` (in any order).
@@ -43,6 +47,7 @@ from kvcomm.reuse.anchors import AgentDelta, AnchorPool, KVPool, content_key, pa
 from kvcomm.reuse.assembly import assemble
 from kvcomm.reuse.blend import choose, recompute
 from kvcomm.reuse.config import MODES, ReuseConfig
+from kvcomm.reuse.relay import Transcript, common_prefix, relay_past
 from kvcomm.reuse.templates import AgentTemplate, shared_head_ids
 
 
@@ -56,12 +61,13 @@ class Content:
     ids: list[int]
     base: KVBlock | None = None
     remote: object | None = None
+    transcript: Transcript | None = None  # a reply's producer's conversation KV, for `relay` (kvcomm.reuse.relay)
 
 
 @dataclass
 class CallResult:
     agent: str
-    path: str  # dense | prefix | reuse | partial (some placeholders reused, the others recomputed)
+    path: str  # dense | prefix | reuse | partial (some placeholders reused, the others recomputed) | relay
     reply_ids: list[int]
     reply: Content  # ids + base KV of the reply, to hand to later agents
     ttft_s: float
@@ -161,7 +167,7 @@ class ReuseEngine:
     @torch.no_grad()
     def call(self, agent: AgentTemplate, contents: dict[str, Content], request=None) -> CallResult:
         lm = self.lm
-        tkv = self.template_kv(agent) if self.mode == "reuse" else None
+        tkv = self.template_kv(agent) if self.mode in ("reuse", "relay") else None
         ids, spans = agent.layout({k: c.ids for k, c in contents.items()})
         sync(lm.device)
         start = time.perf_counter()
@@ -176,6 +182,10 @@ class ReuseEngine:
         elif self.mode == "prefix":
             logits, cache, prefilled = self._prefix_call(agent, ids)
             path = "prefix"
+        elif self.mode == "relay":
+            past, covered = relay_past(lm, tkv.p0, ids[tkv.p0.n :], [c.transcript for c in contents.values() if c.transcript])
+            logits, cache = _run(lm, ids[past.n :], past)
+            path, prefilled = "relay" if covered else "prefix", len(ids) - past.n
         else:
             logits, cache, path, prefilled, used = self._reuse_call(agent, tkv, ids, spans, contents, request)
         sync(lm.device)
@@ -188,7 +198,11 @@ class ReuseEngine:
         sync(lm.device)
         total = time.perf_counter() - start
         reply_base = self.handoff(move(lm, cache_to_block(cache, len(ids), len(ids) + len(reply_ids)), -len(ids))) if reply_ids else None
-        return CallResult(agent.agent_id, path, reply_ids, Content(list(reply_ids), reply_base), ttft, total,
+        reply = Content(list(reply_ids), reply_base)
+        if self.mode == "relay":
+            m = tkv.p0.n
+            reply.transcript = Transcript(ids[m:] + list(reply_ids), cache_to_block(cache, m, len(ids) + len(reply_ids)), m)
+        return CallResult(agent.agent_id, path, reply_ids, reply, ttft, total,
                           len(ids), prefilled, {k: m.entropy for k, m in used.items()},
                           distances={k: m.distance for k, m in used.items() if m.distance is not None})
 
@@ -196,12 +210,7 @@ class ReuseEngine:
         store = self._prefix_store.setdefault(agent.agent_id, [])
         best, best_block = 0, None
         for prev_ids, block in store:
-            n = 0
-            for a, b in zip(prev_ids, ids):
-                if a != b:
-                    break
-                n += 1
-            n = min(n, len(ids) - 1)  # the last token must run to produce logits
+            n = common_prefix(prev_ids, ids, len(ids) - 1)  # the last token must run to produce logits
             if n > best:
                 best, best_block = n, block.slice(0, n)
         logits, cache = _run(self.lm, ids[best:], best_block)

@@ -14,7 +14,15 @@ on), agent 1's prompt is prefilled densely (the reference) and assembled by the 
   keys-only         no value offsets on either placeholder (`+keysonly`)
   keys-only:q       no value offsets on the question only
   keys-only:reply   no value offsets on agent 0's reply only
+  zero:q            no offsets on the question (re-rotated base KV as is; its segment keeps the estimate)
+  oracle:q          the question's and its segment's true offsets, the reply's estimated (what a perfect
+                    question would give); oracle:reply the other way round
+  relay             the question's base KV as is (no offsets), everything after it prefilled over it: with
+                    `--question-base context`, agent 1 reading agent 0's prompt KV past the role line
   oracle            the true offsets (equals dense: a check of the assembly)
+`--variants` picks some. `--question-base head` (the engine's default) encodes the question's base KV after the chat
+head; `context` takes agent 0's own in-context KV of it (after agent 0's whole first segment), as replies' bases are
+taken, anchors recorded the same way.
 For each: relative L2 value error against dense per placeholder (layers 1+), the first token and the greedy reply
 (`--max-new-tokens`) against dense's.
 """
@@ -39,11 +47,26 @@ from kvcomm.reuse.config import ReuseConfig
 from kvcomm.reuse.engine import Content, ReuseEngine
 
 NAMES = ("user_question", "agent_0_current")
-VARIANTS = {"estimated": (), "keys-only": NAMES, "keys-only:q": ("user_question",), "keys-only:reply": ("agent_0_current",)}
+Q, R = NAMES
+# variant -> {placeholder: what its offsets become}: "keys" drops the value offsets, "zero" every offset of the
+# placeholder (its segment keeps the estimate), "oracle" the true offsets of the placeholder and its segment
+VARIANTS = {"estimated": {}, "keys-only": {Q: "keys", R: "keys"}, "keys-only:q": {Q: "keys"}, "keys-only:reply": {R: "keys"},
+            "zero:q": {Q: "zero"}, "oracle:q": {Q: "oracle"}, "oracle:reply": {R: "oracle"}, "oracle": {Q: "oracle", R: "oracle"},
+            "relay": {Q: "zero"}}
 
 
 def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((x[1:].float() - y[1:].float()).norm() / y[1:].float().norm().clamp_min(1e-12))
+
+
+def _variant(how: str | None, m, oracle):
+    """The match `m` with its placeholder offsets changed as `VARIANTS` says."""
+    off = m.placeholder_offset
+    if how == "keys":
+        return replace(m, placeholder_offset=KVBlock(off.k, torch.zeros_like(off.v)))
+    if how == "zero":
+        return replace(m, placeholder_offset=KVBlock(torch.zeros_like(off.k), torch.zeros_like(off.v)))
+    return oracle if how == "oracle" else m
 
 
 def main() -> None:
@@ -55,8 +78,14 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32, help="agent 1's greedy reply compared with dense's")
     ap.add_argument("--tau", type=float, default=0.003)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--variants", default="estimated,keys-only,keys-only:q,keys-only:reply,oracle",
+                    help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    ap.add_argument("--question-base", choices=("head", "context"), default="head")
     ap.add_argument("--out", help="also write the JSON summary here")
     args = ap.parse_args()
+    variants = args.variants.split(",")
+    if unknown := set(variants) - set(VARIANTS):
+        ap.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     lm = load_model(args.model, device=args.device)
     wl = load_workload("gsm", args.anchors + args.questions)
     pool = AnchorPool(gamma=1e9, tau=args.tau)  # no entropy gate: every placeholder is matched
@@ -69,19 +98,27 @@ def main() -> None:
     def agent0_reply(question: list[int], request: str) -> Content:
         return speaker.call(agent0, {"user_question": Content(question)}, request).reply
 
+    def question(q: list[int]) -> Content:
+        if args.question_base == "head":
+            return Content(q)
+        ids, spans = agent0.layout({Q: q})
+        _, cache, _ = prefill(lm, ids)
+        _, a, b = spans[1]
+        return Content(q, move(lm, cache_to_block(cache, a, b), -a))
+
     for it in wl.items[: args.anchors]:  # agent 0's and agent 1's prompts recorded as anchors
         req, q = uuid.uuid4().hex, tok(it.question, add_special_tokens=False)["input_ids"]
-        listener.call(agent1, {"user_question": Content(q), "agent_0_current": agent0_reply(q, req)}, req)
+        listener.call(agent1, {Q: question(q), R: agent0_reply(q, req)}, req)
         pool.commit(req)
 
     tkv = listener.template_kv(agent1)
-    stats = {v: {"first_token": 0, "reply": 0, **{f"value_err:{n}": [] for n in NAMES}} for v in (*VARIANTS, "oracle")}
+    stats = {v: {"first_token": 0, "reply": 0, **{f"value_err:{n}": [] for n in NAMES}} for v in variants}
     used = 0
     for it in wl.items[args.anchors :]:
         req, q = uuid.uuid4().hex, tok(it.question, add_special_tokens=False)["input_ids"]
         reply = agent0_reply(q, req)
         pool.discard(req)  # the pool stays as the anchors left it
-        contents = {"user_question": Content(q), "agent_0_current": reply}
+        contents = {Q: question(q), R: reply}
         ids, spans = agent1.layout({k: c.ids for k, c in contents.items()})
         logits, cache, _ = prefill(lm, ids)
         true = cache_to_block(cache, 0, len(ids))
@@ -97,14 +134,11 @@ def main() -> None:
                              segment_offset=move(lm, true.slice(*s), -s[0]) - tkv.segments[i])
                   for i, (n, (p, s)) in enumerate(where.items())}
         for name in stats:
-            if name == "oracle":
-                ms = oracle
-            else:
-                ms = {n: replace(m, placeholder_offset=KVBlock(m.placeholder_offset.k, torch.zeros_like(m.placeholder_offset.v)))
-                      if n in VARIANTS[name] else m for n, m in matches.items()}
+            ms = {n: _variant(VARIANTS[name].get(n), m, oracle[n]) for n, m in matches.items()}
             full, _ = listener._assemble(agent1, tkv, spans, bases, ms)
-            t = len(ids) - 1
+            t = where[Q][0][1] if name == "relay" else len(ids) - 1
             lg, c2, _ = prefill(lm, ids[t:], full.slice(0, t))
+            full = cache_to_block(c2, 0, len(ids))
             out = greedy_continue(lm, c2, lg[0, -1], len(ids), args.max_new_tokens, listener.stops, feed_last=True)
             s = stats[name]
             s["first_token"] += int(lg[0, -1].argmax() == logits[0, -1].argmax())

@@ -1,0 +1,115 @@
+"""Where relay's remaining error sits: each agent call's KV under relay against a dense prefill, on dense's replies.
+
+Usage: python benchmarks/relay_error.py --rows DIR/shard-0-of-1/dense.jsonl [--model qwen2.5-coder-0.5b]
+       [--workload gsm] [--agents 3] [--items 20] [--only ID,..] [--max-new-tokens 16] [--first 16] [--out F.json]
+
+Reads a dense `kvcomm agents` run's rows for the agents' replies, so nothing long is generated on a CPU. Per item,
+agent by agent, the relay chain is built as `--mode relay` builds it (each agent's transcript: its prompt after p0
+under relay, then dense's reply prefilled over it), so every call sees dense's inputs. Each call after the first is
+compared with a dense prefill of the same prompt: relative L2 value error (layers 1+) over the reused span, per
+layer and over the span's first `--first` tokens against the rest; the first token and the greedy reply
+(`--max-new-tokens`) against dense's. Variant `first`: the span's first `--first` tokens prefilled over p0 (exact)
+before the moved rest, a candidate fix if the error sits next to the role line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from kvcomm.agents.runner import MultiAgentRunner
+from kvcomm.agents.workloads import load_workload
+from kvcomm.core.generation import greedy_continue
+from kvcomm.core.kv import KVBlock, cache_to_block, prefill
+from kvcomm.core.models import load_model
+from kvcomm.reuse.config import ReuseConfig
+from kvcomm.reuse.engine import ReuseEngine
+from kvcomm.reuse.relay import Transcript, relay_past
+
+VARIANTS = ("relay", "first")
+
+
+def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((x.float() - y.float()).norm() / y.float().norm().clamp_min(1e-12))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", required=True, help="a dense run's rows (shard-K-of-N/dense.jsonl)")
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b")
+    ap.add_argument("--workload", default="gsm")
+    ap.add_argument("--agents", type=int, default=3)
+    ap.add_argument("--items", type=int, default=20, help="the workload's first N items")
+    ap.add_argument("--only", help="comma-separated item ids among them (default: all N)")
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--first", type=int, default=16)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    lm = load_model(args.model, device=args.device)
+    wl = load_workload(args.workload, args.items)
+    engine = ReuseEngine(lm, "relay", config=ReuseConfig(max_new_tokens=1))
+    runner = MultiAgentRunner(engine, wl, args.agents)
+    templates = [runner.templates[(0, k)] for k in range(args.agents)] + [runner.decider]
+    tok = lm.tokenizer
+    rows = {r["id"]: r for r in map(json.loads, Path(args.rows).read_text().splitlines())}
+    stats = {(v, t.agent_id): {"calls": 0, "first_token": 0, "reply": 0, "err": [], "err_first": [], "err_rest": [],
+                               "per_layer": []} for v in VARIANTS for t in templates[1:]}
+    only = set(args.only.split(",")) if args.only else None
+    for it in [it for it in wl.items if only is None or it.id in only]:
+        calls = rows[it.id]["calls"]
+        q = tok(it.question, add_special_tokens=False)["input_ids"]
+        replies: dict[int, list[int]] = {}
+        prev: Transcript | None = None
+        for k, (agent, call) in enumerate(zip(templates, calls)):
+            contents = {"user_question": q, **{f"agent_{j}_current": replies[j] for j in range(min(k, args.agents))}}
+            ids, _ = agent.layout(contents)
+            p0 = engine.template_kv(agent).p0
+            m, rest = p0.n, ids[p0.n :]
+            past, covered = relay_past(lm, p0, rest, [prev] if prev else [])
+            if covered:
+                dlg, dcache, _ = prefill(lm, ids)
+                dense = cache_to_block(dcache, m, m + covered)
+                dense_reply = greedy_continue(lm, dcache, dlg[0, -1], len(ids), args.max_new_tokens, engine.stops)
+                _, head, _ = prefill(lm, rest[: args.first], p0)
+                variants = {"relay": past,
+                            "first": KVBlock.cat([cache_to_block(head, 0, m + args.first), past.slice(m + args.first, past.n)])}
+                for name, kv in variants.items():
+                    lg, cache, _ = prefill(lm, ids[kv.n :], kv)
+                    got = cache_to_block(cache, m, m + covered)
+                    s = stats[(name, agent.agent_id)]
+                    s["calls"] += 1
+                    s["first_token"] += int(lg[0, -1].argmax() == dlg[0, -1].argmax())
+                    out = greedy_continue(lm, cache, lg[0, -1], len(ids), args.max_new_tokens, engine.stops)
+                    s["reply"] += int(out == dense_reply)
+                    f = args.first
+                    s["err"].append(_rel(got.v[1:], dense.v[1:]))
+                    s["err_first"].append(_rel(got.v[1:, :, :f], dense.v[1:, :, :f]))
+                    s["err_rest"].append(_rel(got.v[1:, :, f:], dense.v[1:, :, f:]))
+                    s["per_layer"].append([_rel(got.v[i], dense.v[i]) for i in range(got.v.shape[0])])
+            reply = list(call["reply_ids"])
+            _, cache, _ = prefill(lm, ids[past.n :] + reply, past)  # this agent's transcript, as relay leaves it
+            prev = Transcript(rest + reply, cache_to_block(cache, m, len(ids) + len(reply)), m)
+            if k < args.agents:
+                replies[k] = reply
+        print(f"{it.id}: " + "  ".join(f"{v}/{a} {s['reply']}/{s['calls']}" for (v, a), s in stats.items()), flush=True)
+    out = {"args": vars(args)}
+    for (v, a), s in stats.items():
+        n = max(1, s["calls"])
+        layers = [sum(col) / n for col in zip(*s["per_layer"])] if s["per_layer"] else []
+        out[f"{v}/{a}"] = {"calls": s["calls"], "first_token_equal": s["first_token"] / n, "reply_equal": s["reply"] / n,
+                           "value_err": sum(s["err"]) / n, "value_err_first": sum(s["err_first"]) / n,
+                           "value_err_rest": sum(s["err_rest"]) / n, "value_err_per_layer": layers}
+        print(f"{v:6s} {a:9s} value err {out[f'{v}/{a}']['value_err']:.4f} (first {args.first}: "
+              f"{out[f'{v}/{a}']['value_err_first']:.4f}, rest {out[f'{v}/{a}']['value_err_rest']:.4f})  "
+              f"first token = dense {s['first_token']}/{s['calls']}  reply = dense {s['reply']}/{s['calls']}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -96,7 +96,7 @@ def parse_setting(setting: str, base: ReuseConfig = ReuseConfig()) -> tuple[str,
     anchors or offsets."""
     head, *flags = setting.split("+")
     mode, config = _parse_base(head, base)
-    if mode is None or (flags and head.startswith(("dense", "prefix", "relay"))) or len(set(flags)) < len(flags) \
+    if mode is None or (flags and mode != "reuse") or len(set(flags)) < len(flags) \
             or any(f not in FLAGS for f in flags) or (not config.offsets and any(f in NEEDS_OFFSETS for f in flags)):
         raise ValueError(f"unknown setting {setting!r}: use dense, prefix, relay, reuse, blend@R[:select] or cacheblend@R[:select] "
                          f"with 0 <= R <= 1 and select in {SELECTORS}; reuse, blend and cacheblend may end in +defer, "

@@ -1,7 +1,8 @@
 """Where relay's remaining error sits: each agent call's KV under relay against a dense prefill, on dense's replies.
 
 Usage: python benchmarks/relay_error.py --rows DIR/shard-0-of-1/dense.jsonl [--model qwen2.5-coder-0.5b]
-       [--workload gsm] [--agents 3] [--items 20] [--only ID,..] [--max-new-tokens 16] [--first 16] [--out F.json]
+       [--workload gsm] [--agents 3] [--items 20] [--only ID,..] [--calib ID,..] [--variants relay,first,shift]
+       [--max-new-tokens 16] [--first 16] [--out F.json]
 
 Reads a dense `kvcomm agents` run's rows for the agents' replies, so nothing long is generated on a CPU. Per item,
 agent by agent, the relay chain is built as `--mode relay` builds it (each agent's transcript: its prompt after p0
@@ -9,7 +10,9 @@ under relay, then dense's reply prefilled over it), so every call sees dense's i
 compared with a dense prefill of the same prompt: relative L2 value error (layers 1+) over the reused span, per
 layer and over the span's first `--first` tokens against the rest; the first token and the greedy reply
 (`--max-new-tokens`) against dense's. Variant `first`: the span's first `--first` tokens prefilled over p0 (exact)
-before the moved rest, a candidate fix if the error sits next to the role line.
+before the moved rest, a candidate fix if the error sits next to the role line. Variant `shift` (needs `--calib`):
+the reused span's values plus the mean value difference dense minus relay that the same call (agent position)
+showed on the `--calib` items, per layer, head and channel: the simplest learned offset for a role change.
 """
 
 from __future__ import annotations
@@ -29,11 +32,24 @@ from kvcomm.reuse.config import ReuseConfig
 from kvcomm.reuse.engine import ReuseEngine
 from kvcomm.reuse.relay import Transcript, relay_past
 
-VARIANTS = ("relay", "first")
+VARIANTS = ("relay", "first", "shift")
 
 
 def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((x.float() - y.float()).norm() / y.float().norm().clamp_min(1e-12))
+
+
+def _variant(name: str, lm, p0: KVBlock, rest: list[int], past: KVBlock, first: int, shift) -> KVBlock:
+    """The KV to prefill the rest of the prompt over, for one variant (see the module docstring)."""
+    m = p0.n
+    if name == "first":
+        _, head, _ = prefill(lm, rest[:first], p0)
+        return KVBlock.cat([cache_to_block(head, 0, m + first), past.slice(m + first, past.n)])
+    if name == "shift":
+        v = past.v.clone()
+        v[:, :, m:] += shift[0] / shift[1]
+        return KVBlock(past.k, v)
+    return past
 
 
 def main() -> None:
@@ -44,11 +60,16 @@ def main() -> None:
     ap.add_argument("--agents", type=int, default=3)
     ap.add_argument("--items", type=int, default=20, help="the workload's first N items")
     ap.add_argument("--only", help="comma-separated item ids among them (default: all N)")
+    ap.add_argument("--calib", help="comma-separated item ids (among the first N) that calibrate `shift`")
+    ap.add_argument("--variants", default="relay,first", help=f"comma-separated, of: {', '.join(VARIANTS)}")
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--first", type=int, default=16)
     ap.add_argument("--device", default=None)
     ap.add_argument("--out")
     args = ap.parse_args()
+    variants = args.variants.split(",")
+    if set(variants) - set(VARIANTS) or ("shift" in variants and not args.calib):
+        ap.error(f"--variants takes {', '.join(VARIANTS)}; shift needs --calib")
     lm = load_model(args.model, device=args.device)
     wl = load_workload(args.workload, args.items)
     engine = ReuseEngine(lm, "relay", config=ReuseConfig(max_new_tokens=1))
@@ -57,9 +78,13 @@ def main() -> None:
     tok = lm.tokenizer
     rows = {r["id"]: r for r in map(json.loads, Path(args.rows).read_text().splitlines())}
     stats = {(v, t.agent_id): {"calls": 0, "first_token": 0, "reply": 0, "err": [], "err_first": [], "err_rest": [],
-                               "per_layer": []} for v in VARIANTS for t in templates[1:]}
+                               "per_layer": []} for v in variants for t in templates[1:]}
     only = set(args.only.split(",")) if args.only else None
-    for it in [it for it in wl.items if only is None or it.id in only]:
+    calib = args.calib.split(",") if args.calib else []
+    shift: dict[str, list] = {}  # agent id -> [sum over tokens of dense - relay values, tokens]
+    by_id = {it.id: it for it in wl.items}
+    todo = [(by_id[i], True) for i in calib] + [(it, False) for it in wl.items if only is None or it.id in only]
+    for it, calibrating in todo:
         calls = rows[it.id]["calls"]
         q = tok(it.question, add_special_tokens=False)["input_ids"]
         replies: dict[int, list[int]] = {}
@@ -73,11 +98,14 @@ def main() -> None:
             if covered:
                 dlg, dcache, _ = prefill(lm, ids)
                 dense = cache_to_block(dcache, m, m + covered)
-                dense_reply = greedy_continue(lm, dcache, dlg[0, -1], len(ids), args.max_new_tokens, engine.stops)
-                _, head, _ = prefill(lm, rest[: args.first], p0)
-                variants = {"relay": past,
-                            "first": KVBlock.cat([cache_to_block(head, 0, m + args.first), past.slice(m + args.first, past.n)])}
-                for name, kv in variants.items():
+                if calibrating:
+                    acc = shift.setdefault(agent.agent_id, [0.0, 0])
+                    acc[0] = acc[0] + (dense.v - past.v[:, :, m:]).sum(2, keepdim=True)
+                    acc[1] += covered
+                else:
+                    dense_reply = greedy_continue(lm, dcache, dlg[0, -1], len(ids), args.max_new_tokens, engine.stops)
+                for name in [] if calibrating else variants:
+                    kv = _variant(name, lm, p0, rest, past, args.first, shift.get(agent.agent_id))
                     lg, cache, _ = prefill(lm, ids[kv.n :], kv)
                     got = cache_to_block(cache, m, m + covered)
                     s = stats[(name, agent.agent_id)]
@@ -95,7 +123,7 @@ def main() -> None:
             prev = Transcript(rest + reply, cache_to_block(cache, m, len(ids) + len(reply)), m)
             if k < args.agents:
                 replies[k] = reply
-        print(f"{it.id}: " + "  ".join(f"{v}/{a} {s['reply']}/{s['calls']}" for (v, a), s in stats.items()), flush=True)
+        print(f"{it.id}{' (calibration)' if calibrating else ''}: " + "  ".join(f"{v}/{a} {s['reply']}/{s['calls']}" for (v, a), s in stats.items()), flush=True)
     out = {"args": vars(args)}
     for (v, a), s in stats.items():
         n = max(1, s["calls"])

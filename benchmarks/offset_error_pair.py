@@ -42,6 +42,7 @@ from kvcomm.agents.workloads import load_workload
 from kvcomm.core.generation import greedy_continue
 from kvcomm.core.kv import KVBlock, cache_to_block, move, prefill
 from kvcomm.core.models import load_model
+from kvcomm.core.quant import relative_error
 from kvcomm.reuse.anchors import AnchorPool
 from kvcomm.reuse.config import ReuseConfig
 from kvcomm.reuse.engine import Content, ReuseEngine
@@ -53,10 +54,6 @@ Q, R = NAMES
 VARIANTS = {"estimated": {}, "keys-only": {Q: "keys", R: "keys"}, "keys-only:q": {Q: "keys"}, "keys-only:reply": {R: "keys"},
             "zero:q": {Q: "zero"}, "oracle:q": {Q: "oracle"}, "oracle:reply": {R: "oracle"}, "oracle": {Q: "oracle", R: "oracle"},
             "relay": {Q: "zero"}}
-
-
-def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
-    return float((x[1:].float() - y[1:].float()).norm() / y[1:].float().norm().clamp_min(1e-12))
 
 
 def _variant(how: str | None, m, oracle):
@@ -144,7 +141,7 @@ def main() -> None:
             s["first_token"] += int(lg[0, -1].argmax() == logits[0, -1].argmax())
             s["reply"] += int(out == dense_reply)
             for n, (p, _) in where.items():
-                s[f"value_err:{n}"].append(_rel(full.v[:, :, p[0] : p[1]], true.v[:, :, p[0] : p[1]]))
+                s[f"value_err:{n}"].append(relative_error(true.v[1:, :, p[0] : p[1]], full.v[1:, :, p[0] : p[1]]))  # layers 1+
         print(f"item {it.id}: " + "  ".join(f"{k} {v['reply']}" for k, v in stats.items()), flush=True)
     out = {"args": vars(args), "items": used}
     for name, s in stats.items():

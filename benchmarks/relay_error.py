@@ -21,22 +21,17 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from kvcomm.agents.runner import MultiAgentRunner
 from kvcomm.agents.workloads import load_workload
 from kvcomm.core.generation import greedy_continue
 from kvcomm.core.kv import KVBlock, cache_to_block, prefill
 from kvcomm.core.models import load_model
+from kvcomm.core.quant import relative_error
 from kvcomm.reuse.config import ReuseConfig
 from kvcomm.reuse.engine import ReuseEngine
 from kvcomm.reuse.relay import Transcript, relay_past
 
 VARIANTS = ("relay", "first", "shift")
-
-
-def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
-    return float((x.float() - y.float()).norm() / y.float().norm().clamp_min(1e-12))
 
 
 def _variant(name: str, lm, p0: KVBlock, rest: list[int], past: KVBlock, first: int, shift) -> KVBlock:
@@ -114,10 +109,10 @@ def main() -> None:
                     out = greedy_continue(lm, cache, lg[0, -1], len(ids), args.max_new_tokens, engine.stops)
                     s["reply"] += int(out == dense_reply)
                     f = args.first
-                    s["err"].append(_rel(got.v[1:], dense.v[1:]))
-                    s["err_first"].append(_rel(got.v[1:, :, :f], dense.v[1:, :, :f]))
-                    s["err_rest"].append(_rel(got.v[1:, :, f:], dense.v[1:, :, f:]))
-                    s["per_layer"].append([_rel(got.v[i], dense.v[i]) for i in range(got.v.shape[0])])
+                    s["err"].append(relative_error(dense.v[1:], got.v[1:]))
+                    s["err_first"].append(relative_error(dense.v[1:, :, :f], got.v[1:, :, :f]))
+                    s["err_rest"].append(relative_error(dense.v[1:, :, f:], got.v[1:, :, f:]))
+                    s["per_layer"].append([relative_error(dense.v[i], got.v[i]) for i in range(got.v.shape[0])])
             reply = list(call["reply_ids"])
             _, cache, _ = prefill(lm, ids[past.n :] + reply, past)  # this agent's transcript, as relay leaves it
             prev = Transcript(rest + reply, cache_to_block(cache, m, len(ids) + len(reply)), m)

@@ -197,11 +197,13 @@ class ReuseEngine:
             prefilled += self.base_kv(contents[name])[1]
         sync(lm.device)
         total = time.perf_counter() - start
-        reply_base = self.handoff(move(lm, cache_to_block(cache, len(ids), len(ids) + len(reply_ids)), -len(ids))) if reply_ids else None
-        reply = Content(list(reply_ids), reply_base)
-        if self.mode == "relay":
+        end = len(ids) + len(reply_ids)
+        reply = Content(list(reply_ids))
+        if self.mode == "relay":  # later agents read the producer's conversation, not the reply's base KV
             m = tkv.p0.n
-            reply.transcript = Transcript(ids[m:] + list(reply_ids), cache_to_block(cache, m, len(ids) + len(reply_ids)), m)
+            reply.transcript = Transcript(ids[m:] + list(reply_ids), cache_to_block(cache, m, end), m)
+        elif reply_ids:
+            reply.base = self.handoff(move(lm, cache_to_block(cache, len(ids), end), -len(ids)))
         return CallResult(agent.agent_id, path, reply_ids, reply, ttft, total,
                           len(ids), prefilled, {k: m.entropy for k, m in used.items()},
                           distances={k: m.distance for k, m in used.items() if m.distance is not None})

@@ -46,7 +46,8 @@ def add_parser(sub) -> None:
     p.add_argument("--mode", action="append", type=setting,
                    help="execution setting; repeat to compare (default: dense and reuse): dense, prefix (exact prefix "
                         "caching), relay (each agent reuses the previous agent's KV of the conversation both prompts "
-                        "share past the role line, and prefills the newest reply; no anchors; local backend only), "
+                        "share past the role line, and prefills the newest reply; no anchors; local backend only), relay@R[:select] "
+                        "(relay + recompute of a fraction R of the relayed tokens: the first of each segment, or by deviation), "
                         "reuse (KVCOMM's offsets), blend@R[:select] (offsets + recompute of a fraction R of the "
                         "reused tokens, picked by deviation, offset or first), cacheblend@R[:select] (recompute without offsets); "
                         "append +defer to reuse/blend/cacheblend to run the agent that first meets the question on its cached "

@@ -23,8 +23,10 @@ class ReuseConfig:
                     (see `ReuseEngine.base_kv`); False is the paper's choice
     refresh_tail    prefill the last template segment over the reused KV (see `ReuseEngine._tail_start`)
     prefix_slots    prompts remembered per agent by the prefix-caching mode
-    recompute       fraction of the reused tokens whose KV is recomputed on the reuse path (0 = the paper)
-    select          how those tokens are picked: deviation | offset | first (`kvcomm.reuse.blend`)
+    recompute       fraction of the reused tokens whose KV is recomputed on the reuse path (0 = the paper), or of
+                    the relayed tokens on the relay path (`relay@R`)
+    select          how those tokens are picked: deviation | offset | first (`kvcomm.reuse.blend`); the
+                    setting `relay@R` picks `first` unless it says otherwise, and relay has no offsets to rank
     offsets         estimate offsets from anchors (the paper); False reuses re-rotated base KV as is,
                     needs no anchors and never falls back to dense (CacheBlend's way)
     defer_base      a call whose placeholders include a content nobody has encoded yet (the user question,
@@ -52,7 +54,7 @@ class ReuseConfig:
                     stand-alone question; without a reply's value offsets agent 1's first token leaves dense's on 4 more of 19
                     items (benchmarks/offset_error_pair.py). Kept to reproduce that.
     kv_precision    precision of the KV one agent hands another (replies' KV, stand-alone contents' base
-                    KV), as a KV message at that precision would deliver it: None = as computed; fp8/int8/
+                    KV, relay's transcripts), as a KV message at that precision would deliver it: None = as computed; fp8/int8/
                     int4 quantized then dequantized (`kvcomm.core.quant`), bf16/fp16/fp32 a cast. The local
                     engine applies it where the KV is made, so its maker reads the same copy as everyone.
     """
@@ -86,20 +88,26 @@ FLAGS = {"defer": ("defer_base", True), "partial": ("partial", True), "keysonly"
 NEEDS_OFFSETS = ("partial", "keysonly")  # flags that only mean something with anchors and offsets
 
 
+RELAY_SELECTORS = ("first", "deviation")  # relay has no offsets to rank tokens by
+
+
 def parse_setting(setting: str, base: ReuseConfig = ReuseConfig()) -> tuple[str, ReuseConfig]:
-    """(engine mode, config) for a setting name: dense | prefix | relay | reuse | blend@R[:select] | cacheblend@R[:select],
+    """(engine mode, config) for a setting name: dense | prefix | relay[@R[:select]] | reuse | blend@R[:select] |
+    cacheblend@R[:select],
     the last three optionally followed by `+defer` (`ReuseConfig.defer_base`), reuse and blend also by
     `+partial` (`ReuseConfig.partial`) and `+keysonly` (`ReuseConfig.value_offsets=False`), in any order.
 
     `blend@0.15` is the paper's reuse plus recompute of 15% of the reused tokens (picked by layer-1
     value deviation unless `:offset` or `:first` says otherwise); `cacheblend@0.15` the same without
-    anchors or offsets."""
+    anchors or offsets. `relay@0.1` is relay plus recompute of 10% of the relayed tokens, the first tokens of
+    each relayed segment unless `:deviation` says otherwise (`kvcomm.reuse.relay`)."""
     head, *flags = setting.split("+")
     mode, config = _parse_base(head, base)
     if mode is None or (flags and mode != "reuse") or len(set(flags)) < len(flags) \
             or any(f not in FLAGS for f in flags) or (not config.offsets and any(f in NEEDS_OFFSETS for f in flags)):
-        raise ValueError(f"unknown setting {setting!r}: use dense, prefix, relay, reuse, blend@R[:select] or cacheblend@R[:select] "
-                         f"with 0 <= R <= 1 and select in {SELECTORS}; reuse, blend and cacheblend may end in +defer, "
+        raise ValueError(f"unknown setting {setting!r}: use dense, prefix, relay, relay@R[:select], reuse, blend@R[:select] or "
+                         f"cacheblend@R[:select] with 0 <= R <= 1 and select in {SELECTORS} ({', '.join(RELAY_SELECTORS)} for "
+                         f"relay); reuse, blend and cacheblend may end in +defer, "
                          f"reuse and blend in +partial and +keysonly")
     return mode, replace(config, **dict(FLAGS[f] for f in flags))
 
@@ -108,12 +116,16 @@ def _parse_base(name_at: str, base: ReuseConfig) -> tuple[str | None, ReuseConfi
     name, _, rest = name_at.partition("@")
     if name in MODES and not rest:
         return name, base
-    if name in ("blend", "cacheblend") and rest:
+    if name in ("blend", "cacheblend", "relay") and rest:
         frac, _, select = rest.partition(":")
         try:
             r = float(frac)
         except ValueError:
             r = -1.0
-        if 0.0 <= r <= 1.0 and (not select or select in SELECTORS):
+        if not 0.0 <= r <= 1.0:
+            return None, base
+        if name == "relay" and (not select or select in RELAY_SELECTORS):
+            return "relay", replace(base, recompute=r, select=select or "first")
+        if name != "relay" and (not select or select in SELECTORS):
             return "reuse", replace(base, recompute=r, select=select or base.select, offsets=name == "blend")
     return None, base

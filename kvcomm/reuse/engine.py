@@ -19,11 +19,12 @@
   relay   beyond both papers: p0 exact, then the KV the previous agent computed for the conversation
           both prompts share (the question and the replies before the newest, read from the replies'
           `Transcript`s), keys moved to this prompt's positions, no offsets; the rest (the newest reply
-          and the closing segment) is prefilled over it. See `kvcomm.reuse.relay`.
+          and the closing segment) is prefilled over it. With `recompute` > 0 (`relay@R`), a fraction R
+          of the relayed tokens is recomputed too (`kvcomm.reuse.blend`). See `kvcomm.reuse.relay`.
 
 Settings name a mode and its options in one string (`parse_setting`): dense, prefix, relay, reuse (the
 paper), blend@R[:select] (offsets + recompute of a fraction R), cacheblend@R[:select] (recompute
-without offsets); a trailing `+defer` on reuse, blend or cacheblend sets `defer_base`, `+partial` on reuse or
+without offsets), relay@R[:select] (relay + recompute of a fraction R); a trailing `+defer` on reuse, blend or cacheblend sets `defer_base`, `+partial` on reuse or
 blend sets `partial`, `+keysonly` on reuse or blend clears `value_offsets` (in any order).
 
 Timing: TTFT is measured from the start of the call to the first token's logits, including base-KV
@@ -109,6 +110,8 @@ class ReuseEngine:
         """`force_new_anchors` records every call as a new anchor (tests and benchmarks fill pools with it)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "relay" and config.recompute > 0 and config.select == "offset":
+            raise ValueError("relay adds no offsets to rank tokens by: select first or deviation")
         self.lm = lm
         self.mode = mode
         self.pool = pool if pool is not None else AnchorPool()
@@ -183,9 +186,7 @@ class ReuseEngine:
             logits, cache, prefilled = self._prefix_call(agent, ids)
             path = "prefix"
         elif self.mode == "relay":
-            past, covered = relay_past(lm, tkv.p0, ids[tkv.p0.n :], [c.transcript for c in contents.values() if c.transcript])
-            logits, cache = _run(lm, ids[past.n :], past)
-            path, prefilled = "relay" if covered else "prefix", len(ids) - past.n
+            logits, cache, path, prefilled = self._relay_call(tkv, ids, spans, contents)
         else:
             logits, cache, path, prefilled, used = self._reuse_call(agent, tkv, ids, spans, contents, request)
         sync(lm.device)
@@ -201,12 +202,23 @@ class ReuseEngine:
         reply = Content(list(reply_ids))
         if self.mode == "relay":  # later agents read the producer's conversation, not the reply's base KV
             m = tkv.p0.n
-            reply.transcript = Transcript(ids[m:] + list(reply_ids), cache_to_block(cache, m, end), m)
+            reply.transcript = Transcript(ids[m:] + list(reply_ids), self.handoff(cache_to_block(cache, m, end)), m)
         elif reply_ids:
             reply.base = self.handoff(move(lm, cache_to_block(cache, len(ids), end), -len(ids)))
         return CallResult(agent.agent_id, path, reply_ids, reply, ttft, total,
                           len(ids), prefilled, {k: m.entropy for k, m in used.items()},
                           distances={k: m.distance for k, m in used.items() if m.distance is not None})
+
+    def _relay_call(self, tkv: TemplateKV, ids, spans, contents):
+        """Relay (`kvcomm.reuse.relay`), then recompute of `config.recompute` of the relayed tokens:
+        the picked ones and the rest of the prompt run in one forward over the relayed KV."""
+        lm, cfg = self.lm, self.config
+        past, covered = relay_past(lm, tkv.p0, ids[tkv.p0.n :], [c.transcript for c in contents.values() if c.transcript])
+        picked, extra = [], 0.0
+        if covered and cfg.recompute > 0:
+            picked, extra = choose(lm, cfg.select, cfg.recompute, ids, spans, past, None)
+        logits, cache = recompute(lm, ids, past, picked)
+        return logits, cache, "relay" if covered else "prefix", len(ids) - past.n + len(picked) + round(extra)
 
     def _prefix_call(self, agent: AgentTemplate, ids: list[int]):
         store = self._prefix_store.setdefault(agent.agent_id, [])

@@ -17,6 +17,16 @@ taken from agent 0's prompt has 0.018 without any offsets (and 0.022 with anchor
 help here, so relay uses none). The newest reply is the exception: its producer computed it after
 its own closing instruction and assistant header, not after "Agent N said:", so relay prefills it.
 
+Recompute (`relay@R`, `ReuseConfig.recompute`): the relayed tokens' error is not spread evenly. On the gsm
+judge (Qwen2.5-Coder-0.5B, float32, the 11 items whose judge call left dense's, `benchmarks/relay_error.py`)
+the tenth of the relayed tokens that deviate most hold 82% of the squared value error (a quarter: 93%), most
+of it in the last layers, and the tokens an agent prefilled under its own role line (the "Agent j said:"
+headers and the replies) deviate 35-40x more than the question's. The first tokens of every relayed segment
+(EPIC's chunk-start rule, free to pick) hold 48% at a tenth; recomputing them cut the judge's value error from
+0.080 to 0.060 at R = 0.1 and gave dense's whole reply on 5 of the 11 (relay: 0); CacheBlend's layer-1 deviation rule
+picked badly (2 of 11 at R = 0.25: the error grows late, layer 1 does not see it); the ideal picker (the
+true top 25%) gets 8 of 11. `first` is the default picker; `deviation` is there to compare.
+
 What it needs: the runner hands replies as `Content`s that carry their producer's `Transcript`; the
 agents run in one process (the Ray backend does not ship transcripts). Memory: each reply's
 `Transcript` keeps its producer's conversation KV until the request ends.

@@ -45,3 +45,17 @@ def test_int4_handoff_runs_every_path():
 def test_bad_precision_is_refused():
     with pytest.raises(ValueError, match="kv_precision"):
         ReuseConfig(kv_precision="int3")
+
+
+def test_relay_hands_its_transcripts_at_the_chosen_precision():
+    """Relay reads the previous agent's conversation KV: at int8 that KV is what an int8 message delivers."""
+    lm = make_tiny()
+    q = Content([5, 6, 7, 8, 9])
+    wl = Workload("math", ["you are one", "you are two"], "answer", "judge", math_items(1, 0))
+    got = {}
+    for precision in (None, "int8"):
+        engine = ReuseEngine(lm, "relay", config=ReuseConfig(max_new_tokens=3, kv_precision=precision))
+        agent = MultiAgentRunner(engine, wl, 2).templates[(0, 0)]
+        got[precision] = engine.call(agent, {"user_question": q}).reply.transcript.kv
+    assert 0 < relative_error(got[None].v, got["int8"].v) < 0.02 and 0 < relative_error(got[None].k, got["int8"].k) < 0.02
+    assert [c["path"] for c in _run(lm, "int8", mode="relay")] == ["prefix", "relay", "relay"] * 3

@@ -27,7 +27,9 @@ def _runs(lm, wl, settings, agents=3, decision=True):
 
 def test_settings():
     assert parse_setting("relay") == ("relay", ReuseConfig())
-    for bad in ("relay+defer", "relay+partial", "relay@0.1"):
+    assert parse_setting("relay@0.1") == ("relay", ReuseConfig(recompute=0.1, select="first"))
+    assert parse_setting("relay@0.2:deviation") == ("relay", ReuseConfig(recompute=0.2, select="deviation"))
+    for bad in ("relay+defer", "relay+partial", "relay@0.1+defer", "relay@0.1:offset", "relay@1.5", "relay@x"):
         with pytest.raises(ValueError, match="unknown setting"):
             parse_setting(bad)
     assert common_prefix([1, 2, 3, 4], [1, 2, 3, 5], 9) == 3
@@ -77,6 +79,70 @@ def test_reused_span_is_the_previous_agents_kv_moved(arch):
     dense = cache_to_block(cache, t1.start, t1.start + shared)
     assert (reused.v[1:] - dense.v[1:]).abs().max() > 1e-3  # another role line before it: not dense's KV
     torch.testing.assert_close(reused.v[0], dense.v[0], **TOL)  # layer 0 depends on token and position only
+
+
+def _relay_and_dense(arch, settings):
+    """Agent 1's call under each relay setting, with the dense prefill's KV of the same prompt."""
+    lm = make_tiny(arch)
+    wl = Workload("math", ["you are one", "you are the two of us"], "answer", "judge", math_items(1, 0))
+    out = {}
+    for setting in settings:
+        mode, config = parse_setting(setting, ReuseConfig(max_new_tokens=5))
+        engine = ReuseEngine(lm, mode, config=config)
+        runner = MultiAgentRunner(engine, wl, 2)
+        a0, a1 = runner.templates[(0, 0)], runner.templates[(0, 1)]
+        q = Content(engine.tokenizer(wl.items[0].question, add_special_tokens=False)["input_ids"])
+        r0 = engine.call(a0, {"user_question": q})
+        out[setting] = engine.call(a1, {"user_question": q, "agent_0_current": r0.reply})
+    ids, _ = a1.layout({"user_question": q.ids, "agent_0_current": r0.reply.ids})
+    _, cache, _ = prefill(lm, ids)
+    return lm, ids, out, cache_to_block(cache)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_relay_recompute_all_is_dense_and_none_is_relay(arch):
+    """relay@1 recomputes every relayed token over the exact p0: dense's KV and reply at the cost of a prefill
+    past p0; relay@0 is relay, token for token."""
+    lm, ids, out, dense = _relay_and_dense(arch, ("relay", "relay@0", "relay@1"))
+    start = out["relay"].reply.transcript.start
+    all_kv = out["relay@1"].reply.transcript.kv.slice(0, len(ids) - start)
+    torch.testing.assert_close(all_kv.k, dense.slice(start, len(ids)).k, **TOL)
+    torch.testing.assert_close(all_kv.v, dense.slice(start, len(ids)).v, **TOL)
+    assert out["relay@1"].prefilled_tokens == len(ids) - start
+    assert out["relay@0"].reply_ids == out["relay"].reply_ids
+    assert out["relay@0"].prefilled_tokens == out["relay"].prefilled_tokens < len(ids) - start
+    torch.testing.assert_close(out["relay@0"].reply.transcript.kv.v, out["relay"].reply.transcript.kv.v, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_relay_recompute_prefills_its_picks_and_moves_toward_dense(arch):
+    """relay@0.5:first recomputes the first tokens of each relayed segment: it prefills that many more tokens
+    than relay, the recomputed span's KV is closer to dense's, and the first relayed token (which sees only the
+    exact p0 and itself once recomputed) gets exactly dense's KV."""
+    lm, ids, out, dense = _relay_and_dense(arch, ("relay", "relay@0.5"))
+    relay, half = out["relay"], out["relay@0.5"]
+    start = relay.reply.transcript.start
+    shared = len(ids) - start - relay.prefilled_tokens
+    assert half.prefilled_tokens == relay.prefilled_tokens + -(-shared // 2)
+
+    def err(res):
+        got = res.reply.transcript.kv.slice(0, shared).v[1:]
+        return float((got - dense.slice(start, start + shared).v[1:]).norm())
+
+    assert err(half) < err(relay)
+    first = half.reply.transcript.kv.slice(0, 1)
+    torch.testing.assert_close(first.v, dense.slice(start, start + 1).v, **TOL)
+    torch.testing.assert_close(first.k, dense.slice(start, start + 1).k, **TOL)
+
+
+def test_relay_recompute_by_deviation_pays_one_layer_of_the_prompt():
+    """relay@0.5:deviation picks by CacheBlend's layer-1 rule: as many picks as `first`, plus one layer of a full
+    prefill over p0 and the relayed span (their length / L token-equivalents) to rank them."""
+    lm, ids, out, _ = _relay_and_dense("llama", ("relay", "relay@0.5", "relay@0.5:deviation"))
+    relayed_end = len(ids) - out["relay"].prefilled_tokens  # p0 and the relayed tokens
+    layers = lm.model.config.num_hidden_layers
+    assert out["relay@0.5:deviation"].path == "relay"
+    assert out["relay@0.5:deviation"].prefilled_tokens == out["relay@0.5"].prefilled_tokens + round(relayed_end / layers)
 
 
 def test_ray_backend_refuses_relay():

@@ -39,7 +39,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="benchmarks/results/local", help="folder for bench.json and bench.png")
     p.add_argument("--fresh", action="store_true", help="ignore finished parts in --out and run everything again")
     p.add_argument("--reuse-settings", type=settings, default="dense,prefix,reuse",
-                   help="comma list of reuse-part settings: dense, prefix, reuse, blend@R[:select], cacheblend@R[:select] "
+                   help="comma list of reuse-part settings: dense, prefix, reuse, blend@R[:select], cacheblend@R[:select], relay, "
+                        "relay@R[:select] "
                         "(e.g. dense,reuse,blend@0.05,blend@0.15,blend@0.3); a trailing +defer (reuse+defer) runs agent 1 on its "
                         "cached prefix and encodes the question's base KV after its first token; +partial recomputes only the "
                         "placeholders that fail the entropy test")

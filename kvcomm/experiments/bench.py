@@ -11,7 +11,8 @@ pool is first filled with `anchors` requests recorded by dense prefill; during m
 every call takes the reuse path (random tokens carry no meaning for the entropy test), and matching
 runs against the whole pool, so its cost is included; with `missing` > 0 the last `missing` placeholders
 of every prompt fail instead (`MissingAnchors`), to time the paper's dense fallback against `+partial`. Replies are random ids whose base KV is computed
-outside the timed region (in a real run it is a by-product of the producer's decoding).
+outside the timed region (in a real run it is a by-product of the producer's decoding); under `relay` each
+reply's transcript (its producer's prompt KV past p0, then the reply prefilled over it) is made the same way.
 
 Sharing: receiver TTFT with a sender message at ratios 0.3/0.5/0.7 (contiguous middle layers; which
 layers does not change speed), vs Skyline (receiver prefills context + question) and NLD (sender
@@ -36,7 +37,7 @@ from rich.table import Table
 
 from kvcomm.core.files import write_atomic
 from kvcomm.core.generation import greedy_continue, sync
-from kvcomm.core.kv import last_prefill_path, prefill, prefill_flops
+from kvcomm.core.kv import KVBlock, cache_to_block, last_prefill_path, prefill, prefill_flops
 from kvcomm.core.message import encode
 from kvcomm.experiments.bench_models import (
     PRESETS,
@@ -52,6 +53,7 @@ from kvcomm.experiments.bench_peer import bench_peer
 from kvcomm.reuse.anchors import AnchorPool
 from kvcomm.reuse.config import ReuseConfig, parse_setting
 from kvcomm.reuse.engine import ReuseEngine
+from kvcomm.reuse.relay import Transcript
 from kvcomm.sharing.selection import layers_for
 from kvcomm.sharing.send_receive import receive_prefill, send
 
@@ -74,6 +76,8 @@ def bench_reuse(lm, n_agents: int, prefix: int, user: int, reply: int, anchors: 
             contents = {"user_question": question, **{f"agent_{j}_current": replies[j] for j in range(k)}}
             res = engine.call(agent, contents, request=seed)
             rows.append((res.ttft_s * 1e3, res.path, res.prompt_tokens, res.prefilled_tokens, last_prefill_path()))
+            if engine.mode == "relay":
+                replies[k].transcript = _relay_transcript(engine, agent, res, replies[k].ids)
         engine.pool.commit(seed) if record else engine.pool.discard(seed)
         return rows
 
@@ -110,6 +114,16 @@ def bench_reuse(lm, n_agents: int, prefix: int, user: int, reply: int, anchors: 
             for row, d in zip(m["per_agent"], out["dense"]["per_agent"]):
                 row["speedup_vs_dense"] = d["ttft_ms"] / row["ttft_ms"]
     return out
+
+
+def _relay_transcript(engine, agent, res, reply: list[int]) -> Transcript:
+    """The transcript relay's agent k would leave had it decoded the benchmark's random `reply`: its prompt's
+    KV past p0 (from the call), then `reply` prefilled over it. Untimed, like the replies' base KV."""
+    t = res.reply.transcript
+    n = res.prompt_tokens - t.start
+    past = KVBlock.cat([engine.template_kv(agent).p0, t.kv.slice(0, n)])
+    _, cache, _ = prefill(engine.lm, reply, past)
+    return Transcript(t.ids[:n] + list(reply), cache_to_block(cache, t.start, past.n + len(reply)), t.start)
 
 
 # ---- sharing --------------------------------------------------------------------------------------

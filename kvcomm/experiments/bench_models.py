@@ -72,11 +72,15 @@ def peak_tflops(lm) -> float | None:
 
 
 def agent_templates(n_agents: int, prefix: int, g, vocab: int):
-
+    """Agent k's prompt: its own random `prefix`-token first segment, the question, then each earlier reply after
+    an 8-token header that every agent shares (as "Agent j said:" is), then a shared 8-token closing segment, as
+    the workloads' prompts are laid out (relay reuses what the agents share past their first segments)."""
+    headers = [random_ids(8, g, vocab) for _ in range(n_agents)]
+    closing = random_ids(8, g, vocab)
     templates = []
     for k in range(n_agents):
         names = ["user_question"] + [f"agent_{j}_current" for j in range(k)]
-        segs = [random_ids(prefix, g, vocab)] + [random_ids(8, g, vocab) for _ in names]
+        segs = [random_ids(prefix, g, vocab)] + [headers[i] if i < k else closing for i in range(len(names))]
         templates.append(AgentTemplate(f"agent{k}", Template(tuple("" for _ in segs), tuple(names)), segs))
     return templates
 

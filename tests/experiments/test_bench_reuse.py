@@ -32,6 +32,20 @@ def test_a_failing_placeholder_costs_a_dense_prefill_or_only_itself_with_partial
         assert a["prefilled_tokens"] - b["prefilled_tokens"] == a["prompt_tokens"] - (newest + SEGMENT)
 
 
+def test_relay_prefills_the_newest_reply_and_the_segments_around_it(tiny):
+    """The agents share the headers before each reply and the closing segment (as the workloads' prompts do), so
+    from agent 2 on relay reuses the previous agent's transcript up to the newest reply: it prefills that reply,
+    its header and the closing segment, whatever the agent's position; relay@0.5 adds half the relayed tokens."""
+    out = _run(tiny, ("dense", "relay", "relay@0.5"), missing=0)
+    relay, half = out["relay"]["per_agent"], out["relay@0.5"]["per_agent"]
+    assert [r["path"] for r in relay] == ["prefix", "relay", "relay"]
+    assert relay[0]["prefilled_tokens"] == USER + SEGMENT  # agent 1: everything after its own first segment
+    assert [r["prefilled_tokens"] for r in relay[1:]] == [REPLY + 2 * SEGMENT] * 2
+    for k in (1, 2):
+        relayed = relay[k]["prompt_tokens"] - 16 - relay[k]["prefilled_tokens"]  # 16: the first segment
+        assert half[k]["prefilled_tokens"] == relay[k]["prefilled_tokens"] + -(-relayed // 2)
+
+
 def test_a_reuse_only_run_writes_json_and_plot_with_the_failing_placeholders(tmp_path):
     from kvcomm.experiments.bench import BenchConfig, run_bench
 

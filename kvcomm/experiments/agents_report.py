@@ -29,7 +29,7 @@ from kvcomm.core import batch_decode
 from kvcomm.core.errors import DataError
 from kvcomm.experiments.agents_shards import append_row, mode_file, read_rows, shard_range, start_shard
 from kvcomm.reuse.anchors import PoolConfig
-from kvcomm.reuse.config import ReuseConfig
+from kvcomm.reuse.config import ReuseConfig, parse_setting
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,9 @@ def build_report(meta: dict, rows: dict[str, list[dict]], warmup: int, workload=
 
 
 def mode_summary(rows: list[dict], max_new_tokens: int, warmup: int) -> dict:
-    warm = [r for r in rows if r.get("pool_items_before", 0) >= warmup]
+    """One mode's figures. The warm-up (items while the anchor pool fills) only applies to modes with a pool:
+    dense, prefix and relay keep none, so all their items count."""
+    warm = [r for r in rows if r.get("pool_items_before", 0) >= warmup or _poolless(r["mode"])]
     calls = [c for r in rows for c in r["calls"]]
     pools = {r.get("shard", "0/1"): r["pool"] for r in sorted(rows, key=lambda r: r["index"]) if r.get("pool")}
     return {
@@ -214,6 +216,13 @@ def mode_summary(rows: list[dict], max_new_tokens: int, warmup: int) -> dict:
         **({"pool_per_shard": pools} if len(pools) > 1 else {}),
         "items": [{k: v for k, v in r.items() if k != "pool"} for r in rows],
     }
+
+
+def _poolless(mode: str) -> bool:
+    try:
+        return parse_setting(mode)[0] != "reuse"
+    except ValueError:  # a setting name from another version: treat it as one with a pool
+        return False
 
 
 def _reuse_rate(rows: list[dict], paths: tuple[str, ...] = REUSED) -> float:

@@ -150,6 +150,20 @@ def test_cap_share_prefill_fraction_and_agreement_by_item_id():
     assert report["modes"]["dense"]["prefill_fraction"] == 1.0
 
 
+def test_warmup_applies_only_to_modes_with_an_anchor_pool():
+    """Items whose anchor pool was still filling are left out of the reuse rate after warm-up; relay keeps no
+    pool (its rows all say 0 items before), so all its items count."""
+    def row(mode, i, paths):
+        calls = [{"path": p, "reply_ids": [1], "prompt_tokens": 5, "prefilled_tokens": 1} for p in paths]
+        return {**_row(str(i), [1] * len(paths), [5] * len(paths), mode=mode), "calls": calls, "pool_items_before": 0}
+
+    meta = {"workload": "math", "agents": 2, "topology": "fully_connected", "max_new_tokens": 4, "items": 2}
+    rows = {m: [row(m, i, ["prefix", m]) for i in range(2)] for m in ("relay", "reuse")}
+    modes = build_report(meta, rows, warmup=1)["modes"]
+    assert modes["relay"]["reuse_rate_after_warmup"] == 0.5
+    assert modes["reuse"]["reuse_rate_after_warmup"] == 0.0  # no item past the warm-up
+
+
 def test_cli_runs_shards_and_merges_them(tiny_dir, tmp_path, capsys):
     from kvcomm.cli.main import main
 

@@ -10,7 +10,10 @@ under relay, then dense's reply prefilled over it), so every call sees dense's i
 compared with a dense prefill of the same prompt: relative L2 value error (layers 1+) over the reused span, per
 layer and over the span's first `--first` tokens against the rest; the first token and the greedy reply
 (`--max-new-tokens`) against dense's. Variant `first`: the span's first `--first` tokens prefilled over p0 (exact)
-before the moved rest, a candidate fix if the error sits next to the role line. Variant `shift` (needs `--calib`):
+before the moved rest, a candidate fix if the error sits next to the role line. Variants `first@R`, `blend@R`,
+`oracle@R`: relay plus recompute of a fraction R of the span (`relay@R`), picked as the first tokens of each segment,
+by CacheBlend's layer-1 deviation, or by the true deviation from dense (the best any picker could do). Per agent it
+also reports where the error sits (`_where`) and dense's first-token margin per item. Variant `shift` (needs `--calib`):
 the reused span's values plus the mean value difference dense minus relay that the same call (agent position)
 showed on the `--calib` items, per layer, head and channel: the simplest learned offset for a role change.
 """
@@ -21,30 +24,61 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from kvcomm.agents.runner import MultiAgentRunner
 from kvcomm.agents.workloads import load_workload
 from kvcomm.core.generation import greedy_continue
 from kvcomm.core.kv import KVBlock, cache_to_block, prefill
 from kvcomm.core.models import load_model
 from kvcomm.core.quant import relative_error
+from kvcomm.reuse.blend import budget, layer1_value_deviation, pick_first, pick_top, recompute
 from kvcomm.reuse.config import ReuseConfig
 from kvcomm.reuse.engine import ReuseEngine
 from kvcomm.reuse.relay import Transcript, relay_past
 
-VARIANTS = ("relay", "first", "shift")
+VARIANTS = ("relay", "first", "shift", "oracle@R", "blend@R", "first@R")
 
 
-def _variant(name: str, lm, p0: KVBlock, rest: list[int], past: KVBlock, first: int, shift) -> KVBlock:
-    """The KV to prefill the rest of the prompt over, for one variant (see the module docstring)."""
+def _variant(name: str, lm, ids: list[int], spans, p0: KVBlock, past: KVBlock, first: int, shift, dense: KVBlock):
+    """(last logits, cache) of the call under one variant (see the module docstring); `dense` is the
+    dense prefill's KV of the reused span."""
     m = p0.n
     if name == "first":
-        _, head, _ = prefill(lm, rest[:first], p0)
-        return KVBlock.cat([cache_to_block(head, 0, m + first), past.slice(m + first, past.n)])
-    if name == "shift":
+        _, head, _ = prefill(lm, ids[m : m + first], p0)
+        past = KVBlock.cat([cache_to_block(head, 0, m + first), past.slice(m + first, past.n)])
+    elif name == "shift":
         v = past.v.clone()
         v[:, :, m:] += shift[0] / shift[1]
-        return KVBlock(past.k, v)
-    return past
+        past = KVBlock(past.k, v)
+    elif "@" in name:  # recompute the top fraction R of the span, by true value deviation or CacheBlend's layer-1 rule
+        kind, r = name.split("@")
+        reusable = [(max(a, m), min(b, past.n)) for _, a, b in spans[1:] if min(b, past.n) > max(a, m)]
+        if kind == "first":
+            return recompute(lm, ids, past, pick_first(reusable, budget(float(r), reusable)))
+        if kind == "oracle":
+            scores = torch.zeros(past.n)
+            scores[m:] = (dense.v.float() - past.v[:, :, m:].float()).pow(2).sum(dim=(0, 1, 3)).cpu()
+        else:
+            scores = layer1_value_deviation(lm, ids, past)
+        return recompute(lm, ids, past, pick_top(scores, reusable, budget(float(r), reusable)))
+    lg, cache, _ = prefill(lm, ids[past.n :], past)
+    return lg[0, -1], cache
+
+
+def _where(dense: KVBlock, past: KVBlock, m: int, spans, origin: list[int]) -> dict:
+    """Where the reused span's squared value error (layers 1+) sits: the share the most-deviating 10% / 25% of
+    its tokens hold, the share the `first` picker's tokens hold at the same budget, and the mean per token by
+    the agent that computed the token (0: the first agent, which encoded the question)."""
+    dev = (dense.v[1:].float() - past.v[1:, :, m:].float()).pow(2).sum(dim=(0, 1, 3)).cpu()
+    reusable = [(max(a, m), min(b, past.n)) for _, a, b in spans[1:] if min(b, past.n) > max(a, m)]
+    out = {}
+    for r in (0.1, 0.25):
+        k = budget(r, reusable)
+        out[f"top{r}"] = float(dev.topk(k).values.sum() / dev.sum())
+        out[f"first{r}"] = float(dev[[p - m for p in pick_first(reusable, k)]].sum() / dev.sum())
+    out["by_origin"] = {str(o): float(dev[[i for i, x in enumerate(origin) if x == o]].mean()) for o in sorted(set(origin))}
+    return out
 
 
 def main() -> None:
@@ -58,12 +92,14 @@ def main() -> None:
     ap.add_argument("--calib", help="comma-separated item ids (among the first N) that calibrate `shift`")
     ap.add_argument("--variants", default="relay,first", help=f"comma-separated, of: {', '.join(VARIANTS)}")
     ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--full-reply", action="store_true", help="compare whole replies (dense's reply length + 1) instead")
+    ap.add_argument("--calls", help="comma-separated agent ids to measure (default: every call after the first)")
     ap.add_argument("--first", type=int, default=16)
     ap.add_argument("--device", default=None)
     ap.add_argument("--out")
     args = ap.parse_args()
     variants = args.variants.split(",")
-    if set(variants) - set(VARIANTS) or ("shift" in variants and not args.calib):
+    if {v.split("@")[0] + ("@R" if "@" in v else "") for v in variants} - set(VARIANTS) or ("shift" in variants and not args.calib):
         ap.error(f"--variants takes {', '.join(VARIANTS)}; shift needs --calib")
     lm = load_model(args.model, device=args.device)
     wl = load_workload(args.workload, args.items)
@@ -73,10 +109,14 @@ def main() -> None:
     tok = lm.tokenizer
     rows = {r["id"]: r for r in map(json.loads, Path(args.rows).read_text().splitlines())}
     stats = {(v, t.agent_id): {"calls": 0, "first_token": 0, "reply": 0, "err": [], "err_first": [], "err_rest": [],
-                               "per_layer": []} for v in variants for t in templates[1:]}
+                               "per_layer": [], "items": {}} for v in variants for t in templates[1:]}
+    measured = set(args.calls.split(",")) if args.calls else {t.agent_id for t in templates[1:]}
+    stats = {k: s for k, s in stats.items() if k[1] in measured}
     only = set(args.only.split(",")) if args.only else None
     calib = args.calib.split(",") if args.calib else []
     shift: dict[str, list] = {}  # agent id -> [sum over tokens of dense - relay values, tokens]
+    where: dict[str, list] = {}  # agent id -> `_where` per measured call
+    margins: dict[str, dict] = {}  # agent id -> item -> dense's first-token margin (top-1 minus top-2 logit)
     by_id = {it.id: it for it in wl.items}
     todo = [(by_id[i], True) for i in calib] + [(it, False) for it in wl.items if only is None or it.id in only]
     for it, calibrating in todo:
@@ -84,30 +124,35 @@ def main() -> None:
         q = tok(it.question, add_special_tokens=False)["input_ids"]
         replies: dict[int, list[int]] = {}
         prev: Transcript | None = None
+        origin: list[int] = []
         for k, (agent, call) in enumerate(zip(templates, calls)):
             contents = {"user_question": q, **{f"agent_{j}_current": replies[j] for j in range(min(k, args.agents))}}
-            ids, _ = agent.layout(contents)
+            ids, spans = agent.layout(contents)
             p0 = engine.template_kv(agent).p0
             m, rest = p0.n, ids[p0.n :]
             past, covered = relay_past(lm, p0, rest, [prev] if prev else [])
-            if covered:
+            if covered and (calibrating or agent.agent_id in measured):
                 dlg, dcache, _ = prefill(lm, ids)
                 dense = cache_to_block(dcache, m, m + covered)
                 if calibrating:
                     acc = shift.setdefault(agent.agent_id, [0.0, 0])
                     acc[0] = acc[0] + (dense.v - past.v[:, :, m:]).sum(2, keepdim=True)
                     acc[1] += covered
-                else:
-                    dense_reply = greedy_continue(lm, dcache, dlg[0, -1], len(ids), args.max_new_tokens, engine.stops)
-                for name in [] if calibrating else variants:
-                    kv = _variant(name, lm, p0, rest, past, args.first, shift.get(agent.agent_id))
-                    lg, cache, _ = prefill(lm, ids[kv.n :], kv)
+                elif agent.agent_id in measured:
+                    budget_k = len(call["reply_ids"]) + 1 if args.full_reply else args.max_new_tokens
+                    dense_reply = greedy_continue(lm, dcache, dlg[0, -1], len(ids), budget_k, engine.stops)
+                    where.setdefault(agent.agent_id, []).append(_where(dense, past, m, spans, origin[:covered]))
+                    top2 = dlg[0, -1].float().topk(2).values
+                    margins.setdefault(agent.agent_id, {})[it.id] = float(top2[0] - top2[1])
+                for name in [] if calibrating or agent.agent_id not in measured else variants:
+                    lg, cache = _variant(name, lm, ids, spans, p0, past, args.first, shift.get(agent.agent_id), dense)
                     got = cache_to_block(cache, m, m + covered)
                     s = stats[(name, agent.agent_id)]
                     s["calls"] += 1
-                    s["first_token"] += int(lg[0, -1].argmax() == dlg[0, -1].argmax())
-                    out = greedy_continue(lm, cache, lg[0, -1], len(ids), args.max_new_tokens, engine.stops)
+                    s["first_token"] += int(lg.argmax() == dlg[0, -1].argmax())
+                    out = greedy_continue(lm, cache, lg, len(ids), budget_k, engine.stops)
                     s["reply"] += int(out == dense_reply)
+                    s["items"][it.id] = out == dense_reply
                     f = args.first
                     s["err"].append(relative_error(dense.v[1:], got.v[1:]))
                     s["err_first"].append(relative_error(dense.v[1:, :, :f], got.v[1:, :, :f]))
@@ -116,6 +161,7 @@ def main() -> None:
             reply = list(call["reply_ids"])
             _, cache, _ = prefill(lm, ids[past.n :] + reply, past)  # this agent's transcript, as relay leaves it
             prev = Transcript(rest + reply, cache_to_block(cache, m, len(ids) + len(reply)), m)
+            origin = origin[:covered] + [k] * (len(rest) - covered + len(reply))  # which agent computed each token
             if k < args.agents:
                 replies[k] = reply
         print(f"{it.id}{' (calibration)' if calibrating else ''}: " + "  ".join(f"{v}/{a} {s['reply']}/{s['calls']}" for (v, a), s in stats.items()), flush=True)
@@ -125,10 +171,20 @@ def main() -> None:
         layers = [sum(col) / n for col in zip(*s["per_layer"])] if s["per_layer"] else []
         out[f"{v}/{a}"] = {"calls": s["calls"], "first_token_equal": s["first_token"] / n, "reply_equal": s["reply"] / n,
                            "value_err": sum(s["err"]) / n, "value_err_first": sum(s["err_first"]) / n,
-                           "value_err_rest": sum(s["err_rest"]) / n, "value_err_per_layer": layers}
+                           "value_err_rest": sum(s["err_rest"]) / n, "value_err_per_layer": layers,
+                           "reply_equal_by_item": s["items"]}
         print(f"{v:6s} {a:9s} value err {out[f'{v}/{a}']['value_err']:.4f} (first {args.first}: "
               f"{out[f'{v}/{a}']['value_err_first']:.4f}, rest {out[f'{v}/{a}']['value_err_rest']:.4f})  "
               f"first token = dense {s['first_token']}/{s['calls']}  reply = dense {s['reply']}/{s['calls']}")
+    for a, rows_a in where.items():
+        keys = [k for k in rows_a[0] if k != "by_origin"]
+        origins = sorted({o for w in rows_a for o in w["by_origin"]})
+        out[f"where/{a}"] = {**{k: sum(w[k] for w in rows_a) / len(rows_a) for k in keys},
+                             "by_origin": {o: sum(w["by_origin"].get(o, 0) for w in rows_a) / sum(o in w["by_origin"] for w in rows_a)
+                                           for o in origins},
+                             "dense_first_token_margin": margins[a]}
+        print(f"where/{a}: " + "  ".join(f"{k} {out[f'where/{a}'][k]:.2f}" for k in keys) +
+              "  by origin " + " ".join(f"{o}:{v:.1f}" for o, v in out[f"where/{a}"]["by_origin"].items()))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n")

@@ -24,8 +24,9 @@
 
 Settings name a mode and its options in one string (`parse_setting`): dense, prefix, relay, reuse (the
 paper), blend@R[:select] (offsets + recompute of a fraction R), cacheblend@R[:select] (recompute
-without offsets), relay@R[:select] (relay + recompute of a fraction R); a trailing `+defer` on reuse, blend or cacheblend sets `defer_base`, `+partial` on reuse or
-blend sets `partial`, `+keysonly` on reuse or blend clears `value_offsets` (in any order).
+without offsets), relay@R[:select] (relay + recompute of a fraction R); a trailing `+defer` on reuse,
+blend or cacheblend sets `defer_base`, `+partial` on reuse or blend sets `partial`, `+keysonly` on reuse
+or blend clears `value_offsets` (in any order).
 
 Timing: TTFT is measured from the start of the call to the first token's logits, including base-KV
 prefills, anchor matching and cache assembly. Template KV is precomputed when an agent template is

@@ -32,7 +32,14 @@ from kvcomm.core.generation import greedy_continue
 from kvcomm.core.kv import KVBlock, cache_to_block, prefill
 from kvcomm.core.models import load_model
 from kvcomm.core.quant import relative_error
-from kvcomm.reuse.blend import budget, layer1_value_deviation, pick_first, pick_top, recompute
+from kvcomm.reuse.blend import (
+    budget,
+    layer1_value_deviation,
+    pick_first,
+    pick_top,
+    recompute,
+    reusable_positions,
+)
 from kvcomm.reuse.config import ReuseConfig
 from kvcomm.reuse.engine import ReuseEngine
 from kvcomm.reuse.relay import Transcript, relay_past
@@ -53,7 +60,7 @@ def _variant(name: str, lm, ids: list[int], spans, p0: KVBlock, past: KVBlock, f
         past = KVBlock(past.k, v)
     elif "@" in name:  # recompute the top fraction R of the span, by true value deviation or CacheBlend's layer-1 rule
         kind, r = name.split("@")
-        reusable = [(max(a, m), min(b, past.n)) for _, a, b in spans[1:] if min(b, past.n) > max(a, m)]
+        reusable = reusable_positions(spans, past.n)
         if kind == "first":
             return recompute(lm, ids, past, pick_first(reusable, budget(float(r), reusable)))
         if kind == "oracle":
@@ -71,7 +78,7 @@ def _where(dense: KVBlock, past: KVBlock, m: int, spans, origin: list[int]) -> d
     its tokens hold, the share the `first` picker's tokens hold at the same budget, and the mean per token by
     the agent that computed the token (0: the first agent, which encoded the question)."""
     dev = (dense.v[1:].float() - past.v[1:, :, m:].float()).pow(2).sum(dim=(0, 1, 3)).cpu()
-    reusable = [(max(a, m), min(b, past.n)) for _, a, b in spans[1:] if min(b, past.n) > max(a, m)]
+    reusable = reusable_positions(spans, past.n)
     out = {}
     for r in (0.1, 0.25):
         k = budget(r, reusable)

@@ -153,9 +153,13 @@ def _call_record(c: CallResult, tok) -> dict:
 REUSED = ("reuse", "relay")  # call paths that reuse KV without a prefill of it
 
 
+def path_share(calls: list[dict], paths: tuple[str, ...] = REUSED) -> float:
+    """Share of the call records that took one of `paths`."""
+    return sum(c["path"] in paths for c in calls) / max(1, len(calls))
+
+
 def reuse_rate(results: list[ItemResult], skip_items: int = 0) -> float:
-    calls = [c for r in results[skip_items:] for c in r.calls]
-    return sum(c["path"] in REUSED for c in calls) / max(1, len(calls))
+    return path_share([c for r in results[skip_items:] for c in r.calls])
 
 
 def make_engine(lm: LoadedModel | None, setting: str, config: ReuseConfig = ReuseConfig(), pool: PoolConfig = PoolConfig(),

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvcomm.agents.remote import RayConfig
-from kvcomm.agents.runner import REUSED, MultiAgentRunner, make_engine
+from kvcomm.agents.runner import REUSED, MultiAgentRunner, make_engine, path_share
 from kvcomm.agents.workloads import load_workload
 from kvcomm.core import batch_decode
 from kvcomm.core.errors import DataError
@@ -228,8 +228,7 @@ def _poolless(mode: str) -> bool:
 def _reuse_rate(rows: list[dict], paths: tuple[str, ...] = REUSED) -> float:
     """Share of the calls that took one of `paths` (reuse and relay: every reused token's KV reused without
     a prefill; partial: some placeholders reused, the others recomputed)."""
-    calls = [c for r in rows for c in r["calls"]]
-    return sum(c["path"] in paths for c in calls) / max(1, len(calls))
+    return path_share([c for r in rows for c in r["calls"]], paths)
 
 
 def cap_share(rows: list[dict], max_new_tokens: int, final_only: bool = False) -> float:

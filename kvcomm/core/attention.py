@@ -23,7 +23,8 @@ Registered through transformers' public `AttentionInterface` (no monkey-patching
 3. **Attention-importance recording** (KVComm Eq. 1). When a `kvcomm_recorder` is passed to the model
    call, each layer also computes its softmax attention weights and adds the mass that the query
    tokens put on the first `recorder.context_len` key columns (the sender's context), averaged over
-   heads and queries.
+   heads and queries; or, with a `TokenImportanceRecorder` (relay's `attention` picker), the mass
+   per key column of the last queries.
 """
 
 from __future__ import annotations
@@ -59,10 +60,36 @@ class ImportanceRecorder:
         return self.sums / self.calls.clamp(min=1)
 
 
+class TokenImportanceRecorder:
+    """Attention mass per key position from a forward's last `window` queries, summed over layers and heads
+    (SnapKV's observation window): which earlier tokens the newest ones read. `mass` [keys] stays on the
+    model's device; a layer with fewer keys adds to the leading positions."""
+
+    def __init__(self, window: int):
+        self.window = window
+        self.mass: torch.Tensor | None = None
+
+    def add(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float):
+        w = min(self.window, query.shape[2])
+        n_rep = query.shape[1] // key.shape[1]
+        k = key.repeat_interleave(n_rep, dim=1) if n_rep > 1 else key
+        scores = torch.matmul(query[:, :, -w:].float(), k.float().transpose(-1, -2)) * scaling
+        if mask is not None:
+            rows = mask[..., -w:, :] if mask.shape[-2] > 1 else mask
+            scores = scores + rows.float() if mask.dtype != torch.bool else scores.masked_fill(~rows, float("-inf"))
+        mass = torch.softmax(scores, dim=-1).sum(dim=(0, 1, 2))  # [keys]
+        if self.mass is None:
+            self.mass = mass
+        else:
+            n = max(self.mass.numel(), mass.numel())
+            self.mass = torch.nn.functional.pad(self.mass, (0, n - self.mass.numel())) \
+                + torch.nn.functional.pad(mass, (0, n - mass.numel()))
+
+
 def kvcomm_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    recorder: ImportanceRecorder | None = kwargs.pop("kvcomm_recorder", None)
+    recorder: ImportanceRecorder | TokenImportanceRecorder | None = kwargs.pop("kvcomm_recorder", None)
     layer_masks: torch.Tensor | None = kwargs.pop("kvcomm_layer_masks", None)
     layer_lens: torch.Tensor | None = kwargs.pop("kvcomm_layer_lens", None)
     if layer_lens is not None:  # fast_decode's static cache with per-layer filled lengths: no mask needed

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcomm.core import fast_prefill
-from kvcomm.core.attention import ImportanceRecorder, causal_mask
+from kvcomm.core.attention import ImportanceRecorder, TokenImportanceRecorder, causal_mask
 from kvcomm.core.rope import rerotate
 
 
@@ -130,16 +130,16 @@ def last_prefill_path() -> str | None:
 
 @torch.no_grad()
 def prefill(lm, ids=None, past=None, *, embeds: torch.Tensor | None = None,
-            start: int | None = None, recorder: ImportanceRecorder | None = None, all_logits: bool = False,
-            fast: bool | None = None):
+            start: int | None = None, recorder: ImportanceRecorder | TokenImportanceRecorder | None = None,
+            all_logits: bool = False, fast: bool | None = None):
     """Run new tokens after `past` and return (logits, cache, past_len).
 
     `ids` are token ids, or pass `embeds` [1, n, d] instead (CIPHER, AC). `past` is a KVBlock, a
     transformers cache (its layers may hold different lengths) or None; the new tokens take positions
     past_len.. where past_len is the longest layer's length, or `start` when given (several senders
     whose layers overlap nowhere still place the receiver after all of them). `logits` are [1, n, vocab] with
-    `all_logits` or a `recorder` (which needs every query's attention), else [1, 1, vocab]: the last
-    position only. The returned cache holds past + new tokens (it is `past` itself when a cache was given).
+    `all_logits`, else [1, 1, vocab]: the last position only (a `recorder` sees every query's attention
+    either way). The returned cache holds past + new tokens (it is `past` itself when a cache was given).
     `fast`: None follows `KVCOMM_FAST_DECODE` for short prefills after a past, False forces eager, True
     asks for the static path (graphs on CUDA).
     """
@@ -162,7 +162,7 @@ def prefill(lm, ids=None, past=None, *, embeds: torch.Tensor | None = None,
     kwargs = {"kvcomm_recorder": recorder} if recorder is not None else {}
     out = lm.model(input_ids=ids if embeds is None else None, inputs_embeds=embeds, past_key_values=cache,
                    attention_mask=mask, position_ids=torch.arange(p, p + n, device=lm.device).unsqueeze(0),
-                   use_cache=True, logits_to_keep=0 if (recorder is not None or all_logits) else 1, **kwargs)
+                   use_cache=True, logits_to_keep=0 if all_logits else 1, **kwargs)
     return out.logits, out.past_key_values, p
 
 

@@ -31,3 +31,25 @@ def test_folded_gqa_equals_repeated_keys(q, n_rep):
     one_row = mask[..., -1:, :]  # a mask row shared by every query broadcasts unchanged
     torch.testing.assert_close(folded_gqa_attention(query, key, value, one_row, 0.3, n_rep),
                                reference(query, key, value, one_row, 0.3, n_rep), atol=1e-5, rtol=1e-5)
+
+
+def test_token_recorder_sums_the_last_queries_attention(tiny):
+    """TokenImportanceRecorder's mass per key = the attention probabilities of the last `window` queries, summed
+    over layers and heads, as transformers' eager attention returns them for a dense forward of the same tokens."""
+    from kvcomm.core.attention import TokenImportanceRecorder
+    from kvcomm.core.kv import cache_to_block, prefill
+
+    ids = list(range(5, 29))
+    _, cache, _ = prefill(tiny, ids[:15])
+    rec = TokenImportanceRecorder(window=4)
+    prefill(tiny, ids[15:], cache_to_block(cache), recorder=rec)
+    model = tiny.model
+    model.set_attn_implementation("eager")
+    try:
+        out = model(input_ids=torch.tensor([ids]), output_attentions=True)
+    finally:
+        model.set_attn_implementation("kvcomm")
+    want = sum(a[0, :, -4:, :].sum(dim=(0, 1)) for a in out.attentions)
+    assert rec.mass.shape == (len(ids),)
+    torch.testing.assert_close(rec.mass, want, atol=1e-4, rtol=1e-4)
+    assert float(rec.mass.sum()) == pytest.approx(4 * len(out.attentions) * out.attentions[0].shape[1], rel=1e-5)

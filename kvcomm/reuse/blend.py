@@ -21,6 +21,10 @@ Token pickers (`select`):
   offset     the tokens whose estimated value offsets are largest (summed over layers); costs nothing.
   first      the first tokens of every reused span (EPIC / LegoLink's chunk-start sinks), round-robin
              over spans until the budget is spent; costs nothing.
+  attention  (relay only, `attention_pick`) the tokens the prompt's last segment reads most: the rest of the
+             prompt runs over the reused KV once, its last `window` queries' attention recorded (SnapKV's
+             observation window), then the picks and the last prompt token run again over the result; costs
+             one token more than `first`. Why: a token's error matters as much as the answer reads it.
 """
 
 from __future__ import annotations
@@ -29,10 +33,10 @@ import math
 
 import torch
 
-from kvcomm.core.attention import causal_mask, mask_zeros
+from kvcomm.core.attention import TokenImportanceRecorder, causal_mask, mask_zeros
 from kvcomm.core.kv import KVBlock, block_to_cache, cache_to_block, ids_tensor, prefill
 
-SELECTORS = ("deviation", "offset", "first")
+SELECTORS = ("deviation", "offset", "first", "attention")
 
 
 def reusable_positions(spans, tail: int) -> list[tuple[int, int]]:
@@ -95,6 +99,28 @@ def layer1_value_deviation(lm, ids: list[int], assembled: KVBlock) -> torch.Tens
     v = layer1.self_attn.v_proj(layer1.input_layernorm(h))  # [1, n, kv_heads * head_dim]
     v = v.view(n, assembled.v.shape[1], -1).transpose(0, 1)  # [kv_heads, n, head_dim]
     return (v.float() - assembled.v[1].float()).pow(2).sum(dim=(0, 2)).cpu()
+
+
+@torch.no_grad()
+def attention_mass(lm, ids: list[int], assembled: KVBlock, window: int, rerun: int = 1) -> tuple[torch.Tensor, KVBlock]:
+    """(attention mass per prompt position, the KV to recompute over).
+
+    Runs ids[assembled.n:] over `assembled`, recording the attention mass its last `window` queries put on
+    every key, summed over layers and heads (`TokenImportanceRecorder`). The KV returned is `assembled` plus
+    that run's KV of all but the last `rerun` tokens (computed over the picks' stale KV: the approximation
+    this picker makes); `recompute` over it runs the picks and those tokens."""
+    rest = len(ids) - assembled.n
+    rec = TokenImportanceRecorder(min(window, rest))
+    _, cache, _ = prefill(lm, ids[assembled.n :], assembled, recorder=rec)
+    return rec.mass, cache_to_block(cache, 0, len(ids) - min(max(rerun, 1), rest))
+
+
+def attention_pick(lm, ids: list[int], assembled: KVBlock, reusable: list[tuple[int, int]], k: int,
+                   window: int, rerun: int = 1) -> tuple[list[int], KVBlock]:
+    """(the `k` reusable positions the last `window` prompt tokens attend to most, the KV to recompute over):
+    `attention_mass`, then the top k. Cost with `recompute`: the rest of the prompt + k + rerun tokens."""
+    mass, over = attention_mass(lm, ids, assembled, window, rerun)
+    return pick_top(mass, reusable, k), over
 
 
 def recompute_mask(picked: list[int], t: int, tail: int, dtype, device) -> torch.Tensor:
@@ -165,6 +191,8 @@ def choose(lm, select: str, fraction: float, ids: list[int], spans, assembled: K
         return [], 0.0
     if select == "first":
         return pick_first(reusable, k), 0.0
+    if select == "attention":
+        raise ValueError("the attention picker runs the prompt first: call attention_pick (relay only)")
     if select == "offset":
         scores = offset_scores(value_offsets, assembled.n) if value_offsets is not None else torch.zeros(assembled.n)
         return pick_top(scores, reusable, k), 0.0

@@ -25,8 +25,9 @@ class ReuseConfig:
     prefix_slots    prompts remembered per agent by the prefix-caching mode
     recompute       fraction of the reused tokens whose KV is recomputed on the reuse path (0 = the paper), or of
                     the relayed tokens on the relay path (`relay@R`)
-    select          how those tokens are picked: deviation | offset | first (`kvcomm.reuse.blend`); the
-                    setting `relay@R` picks `first` unless it says otherwise, and relay has no offsets to rank
+    select          how those tokens are picked: deviation | offset | first | attention (`kvcomm.reuse.blend`); the
+                    setting `relay@R` picks `first` unless it says otherwise; relay has no offsets to rank, and
+                    `attention` (the closing segment's attention over the relayed KV) is relay's only
     offsets         estimate offsets from anchors (the paper); False reuses re-rotated base KV as is,
                     needs no anchors and never falls back to dense (CacheBlend's way)
     defer_base      a call whose placeholders include a content nobody has encoded yet (the user question,
@@ -88,7 +89,8 @@ FLAGS = {"defer": ("defer_base", True), "partial": ("partial", True), "keysonly"
 NEEDS_OFFSETS = ("partial", "keysonly")  # flags that only mean something with anchors and offsets
 
 
-RELAY_SELECTORS = ("first", "deviation")  # relay has no offsets to rank tokens by
+RELAY_SELECTORS = ("first", "deviation", "attention")  # relay has no offsets to rank tokens by
+REUSE_SELECTORS = ("deviation", "offset", "first")  # the attention picker reruns relay's prompt rest (blend.attention_pick)
 
 
 def parse_setting(setting: str, base: ReuseConfig = ReuseConfig()) -> tuple[str, ReuseConfig]:
@@ -106,7 +108,7 @@ def parse_setting(setting: str, base: ReuseConfig = ReuseConfig()) -> tuple[str,
     if mode is None or (flags and mode != "reuse") or len(set(flags)) < len(flags) \
             or any(f not in FLAGS for f in flags) or (not config.offsets and any(f in NEEDS_OFFSETS for f in flags)):
         raise ValueError(f"unknown setting {setting!r}: use dense, prefix, relay, relay@R[:select], reuse, blend@R[:select] or "
-                         f"cacheblend@R[:select] with 0 <= R <= 1 and select in {SELECTORS} ({', '.join(RELAY_SELECTORS)} for "
+                         f"cacheblend@R[:select] with 0 <= R <= 1 and select in {', '.join(REUSE_SELECTORS)} ({', '.join(RELAY_SELECTORS)} for "
                          f"relay); reuse, blend and cacheblend may end in +defer, "
                          f"reuse and blend in +partial and +keysonly")
     return mode, replace(config, **dict(FLAGS[f] for f in flags))
@@ -126,6 +128,6 @@ def _parse_base(name_at: str, base: ReuseConfig) -> tuple[str | None, ReuseConfi
             return None, base
         if name == "relay" and (not select or select in RELAY_SELECTORS):
             return "relay", replace(base, recompute=r, select=select or "first")
-        if name != "relay" and (not select or select in SELECTORS):
+        if name != "relay" and (not select or select in REUSE_SELECTORS):
             return "reuse", replace(base, recompute=r, select=select or base.select, offsets=name == "blend")
     return None, base

@@ -47,7 +47,7 @@ from kvcomm.core.kv import KVBlock, cache_to_block, move, prefill
 from kvcomm.core.models import LoadedModel
 from kvcomm.reuse.anchors import AgentDelta, AnchorPool, KVPool, content_key, pack, unpacked
 from kvcomm.reuse.assembly import assemble
-from kvcomm.reuse.blend import choose, recompute
+from kvcomm.reuse.blend import attention_pick, budget, choose, recompute, reusable_positions
 from kvcomm.reuse.config import MODES, ReuseConfig
 from kvcomm.reuse.relay import Transcript, common_prefix, relay_past
 from kvcomm.reuse.templates import AgentTemplate, shared_head_ids
@@ -112,7 +112,9 @@ class ReuseEngine:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "relay" and config.recompute > 0 and config.select == "offset":
-            raise ValueError("relay adds no offsets to rank tokens by: select first or deviation")
+            raise ValueError("relay adds no offsets to rank tokens by: select first, deviation or attention")
+        if mode == "reuse" and config.recompute > 0 and config.select == "attention":
+            raise ValueError("the attention picker is relay's (relay@R:attention): select deviation, offset or first")
         self.lm = lm
         self.mode = mode
         self.pool = pool if pool is not None else AnchorPool()
@@ -212,13 +214,19 @@ class ReuseEngine:
 
     def _relay_call(self, tkv: TemplateKV, ids, spans, contents):
         """Relay (`kvcomm.reuse.relay`), then recompute of `config.recompute` of the relayed tokens:
-        the picked ones and the rest of the prompt run in one forward over the relayed KV."""
+        the picked ones and the rest of the prompt run in one forward over the relayed KV. With the
+        `attention` picker the rest runs first, its closing segment's attention picks, and the picks and
+        the last prompt token run again over the result (`blend.attention_pick`)."""
         lm, cfg = self.lm, self.config
         past, covered = relay_past(lm, tkv.p0, ids[tkv.p0.n :], [c.transcript for c in contents.values() if c.transcript])
-        picked, extra = [], 0.0
-        if covered and cfg.recompute > 0:
+        picked, extra, over = [], 0.0, past
+        if covered and cfg.recompute > 0 and cfg.select == "attention":
+            reusable = reusable_positions(spans, past.n)
+            picked, over = attention_pick(lm, ids, past, reusable, budget(cfg.recompute, reusable), spans[-1][2] - spans[-1][1])
+            extra = len(ids) - over.n  # the rest before the rerun tokens ran once already
+        elif covered and cfg.recompute > 0:
             picked, extra = choose(lm, cfg.select, cfg.recompute, ids, spans, past, None)
-        logits, cache = recompute(lm, ids, past, picked)
+        logits, cache = recompute(lm, ids, over, picked)
         return logits, cache, "relay" if covered else "prefix", len(ids) - past.n + len(picked) + round(extra)
 
     def _prefix_call(self, agent: AgentTemplate, ids: list[int]):

@@ -25,7 +25,10 @@ headers and the replies) deviate 35-40x more than the question's. The first toke
 (EPIC's chunk-start rule, free to pick) hold 48% at a tenth; recomputing them cut the judge's value error from
 0.080 to 0.060 at R = 0.1 and gave dense's whole reply on 5 of the 11 (relay: 0); CacheBlend's layer-1 deviation rule
 picked badly (2 of 11 at R = 0.25: the error grows late, layer 1 does not see it); the ideal picker (the
-true top 25%) gets 8 of 11. `first` is the default picker; `deviation` is there to compare.
+true top 25%) gets 8 of 11. `first` is the default picker; `deviation` is there to compare. `attention` picks the
+relayed tokens the closing segment reads most (`blend.attention_pick`): fewer whole replies (3 of 11) but more first
+tokens (10 vs 9) and answers (8 vs 7 of 11), among them the two near-tie judges the ideal picker returns; end to end
+(gsm, 3 agents, 100 items, GPU) 95% of dense's answers against 93% for `first`, at ~32 ms more per call on an 8B model.
 
 What it needs: the runner hands replies as `Content`s that carry their producer's `Transcript`; the
 agents run in one process (the Ray backend does not ship transcripts). Memory: each reply's

@@ -29,7 +29,9 @@ def test_settings():
     assert parse_setting("relay") == ("relay", ReuseConfig())
     assert parse_setting("relay@0.1") == ("relay", ReuseConfig(recompute=0.1, select="first"))
     assert parse_setting("relay@0.2:deviation") == ("relay", ReuseConfig(recompute=0.2, select="deviation"))
-    for bad in ("relay+defer", "relay+partial", "relay@0.1+defer", "relay@0.1:offset", "relay@1.5", "relay@x"):
+    assert parse_setting("relay@0.1:attention") == ("relay", ReuseConfig(recompute=0.1, select="attention"))
+    for bad in ("relay+defer", "relay+partial", "relay@0.1+defer", "relay@0.1:offset", "relay@1.5", "relay@x",
+                "blend@0.1:attention", "cacheblend@0.1:attention"):
         with pytest.raises(ValueError, match="unknown setting"):
             parse_setting(bad)
     assert common_prefix([1, 2, 3, 4], [1, 2, 3, 5], 9) == 3
@@ -143,6 +145,45 @@ def test_relay_recompute_by_deviation_pays_one_layer_of_the_prompt():
     layers = lm.model.config.num_hidden_layers
     assert out["relay@0.5:deviation"].path == "relay"
     assert out["relay@0.5:deviation"].prefilled_tokens == out["relay@0.5"].prefilled_tokens + round(relayed_end / layers)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_relay_recompute_by_attention(arch):
+    """relay@R:attention runs the prompt's rest over the relayed KV once, picks the relayed tokens its closing
+    segment reads most, then reruns the picks and the last prompt token: relay's prefill + picks + 1 token. At
+    R = 1 every relayed token is recomputed over the exact p0: dense's KV there (the rest, computed over the
+    stale KV, is not)."""
+    lm, ids, out, dense = _relay_and_dense(arch, ("relay", "relay@0.5:attention", "relay@1:attention"))
+    relay = out["relay"]
+    start = relay.reply.transcript.start
+    shared = len(ids) - start - relay.prefilled_tokens
+    assert out["relay@0.5:attention"].prefilled_tokens == relay.prefilled_tokens + -(-shared // 2) + 1
+    assert out["relay@1:attention"].prefilled_tokens == relay.prefilled_tokens + shared + 1
+    every = out["relay@1:attention"].reply.transcript.kv.slice(0, shared)
+    torch.testing.assert_close(every.v, dense.slice(start, start + shared).v, **TOL)
+    torch.testing.assert_close(every.k, dense.slice(start, start + shared).k, **TOL)
+    with pytest.raises(ValueError, match="attention picker"):
+        ReuseEngine(lm, "reuse", config=ReuseConfig(recompute=0.1, select="attention"))
+
+
+def test_attention_pick_takes_the_most_read_tokens():
+    """attention_pick's picks are the top-k relayable positions by the closing window's attention mass, and the
+    KV it returns is the run's KV of every prompt token but the last (the one `recompute` reruns)."""
+    from kvcomm.core.attention import TokenImportanceRecorder
+    from kvcomm.reuse.blend import attention_pick, pick_top
+
+    lm = make_tiny("llama")
+    ids = list(range(5, 35))
+    _, cache, _ = prefill(lm, ids[:20])
+    past = cache_to_block(cache)
+    reusable = [(4, 12), (14, 20)]
+    picked, over = attention_pick(lm, ids, past, reusable, 5, window=6)
+    rec = TokenImportanceRecorder(6)
+    _, full, _ = prefill(lm, ids[20:], past, recorder=rec)
+    assert picked == pick_top(rec.mass, reusable, 5) and len(picked) == 5
+    assert all(any(a <= p < b for a, b in reusable) for p in picked)
+    assert over.n == len(ids) - 1
+    torch.testing.assert_close(over.v, cache_to_block(full, 0, len(ids) - 1).v, atol=0, rtol=0)
 
 
 def test_ray_backend_refuses_relay():

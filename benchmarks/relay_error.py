@@ -11,8 +11,11 @@ compared with a dense prefill of the same prompt: relative L2 value error (layer
 layer and over the span's first `--first` tokens against the rest; the first token and the greedy reply
 (`--max-new-tokens`) against dense's. Variant `first`: the span's first `--first` tokens prefilled over p0 (exact)
 before the moved rest, a candidate fix if the error sits next to the role line. Variants `first@R`, `blend@R`,
-`oracle@R`: relay plus recompute of a fraction R of the span (`relay@R`), picked as the first tokens of each segment,
-by CacheBlend's layer-1 deviation, or by the true deviation from dense (the best any picker could do). Per agent it
+`oracle@R`, `attn@R`: relay plus recompute of a fraction R of the span (`relay@R`), picked as the first tokens of each
+segment, by CacheBlend's layer-1 deviation, by the true deviation from dense (the best any picker of deviating tokens
+could do), or by the attention of the closing segment (`relay@R:attention`: its last token rerun; `attnall@R`: the
+whole rest of the prompt rerun; `mix@R`: half the budget `first`, half attention). Per call also: the gsm answer
+(`Workload.answer_of`) of the reply against dense's (meaningful for the judge with `--full-reply`). Per agent it
 also reports where the error sits (`_where`) and dense's first-token margin per item. Variant `shift` (needs `--calib`):
 the reused span's values plus the mean value difference dense minus relay that the same call (agent position)
 showed on the `--calib` items, per layer, head and channel: the simplest learned offset for a role change.
@@ -33,6 +36,7 @@ from kvcomm.core.kv import KVBlock, cache_to_block, prefill
 from kvcomm.core.models import load_model
 from kvcomm.core.quant import relative_error
 from kvcomm.reuse.blend import (
+    attention_mass,
     budget,
     layer1_value_deviation,
     pick_first,
@@ -44,7 +48,7 @@ from kvcomm.reuse.config import ReuseConfig
 from kvcomm.reuse.engine import ReuseEngine
 from kvcomm.reuse.relay import Transcript, relay_past
 
-VARIANTS = ("relay", "first", "shift", "oracle@R", "blend@R", "first@R")
+VARIANTS = ("relay", "first", "shift", "oracle@R", "blend@R", "first@R", "attn@R", "attnall@R", "mix@R")
 
 
 def _variant(name: str, lm, ids: list[int], spans, p0: KVBlock, past: KVBlock, first: int, shift, dense: KVBlock):
@@ -63,6 +67,14 @@ def _variant(name: str, lm, ids: list[int], spans, p0: KVBlock, past: KVBlock, f
         reusable = reusable_positions(spans, past.n)
         if kind == "first":
             return recompute(lm, ids, past, pick_first(reusable, budget(float(r), reusable)))
+        if kind.startswith("attn") or kind == "mix":  # the closing segment's attention; rerun its last token (attn,
+            window = spans[-1][2] - spans[-1][1]         # mix) or all the rest (attnall); mix: half the budget `first`
+            k = budget(float(r), reusable)
+            mass, over = attention_mass(lm, ids, past, window, 1 if kind != "attnall" else len(ids) - past.n)
+            firsts = pick_first(reusable, k // 2) if kind == "mix" else []
+            mass[firsts] = -float("inf")
+            picked = sorted(firsts + pick_top(mass, reusable, k - len(firsts)))
+            return recompute(lm, ids, over, picked)
         if kind == "oracle":
             scores = torch.zeros(past.n)
             scores[m:] = (dense.v.float() - past.v[:, :, m:].float()).pow(2).sum(dim=(0, 1, 3)).cpu()
@@ -99,7 +111,7 @@ def main() -> None:
     ap.add_argument("--calib", help="comma-separated item ids (among the first N) that calibrate `shift`")
     ap.add_argument("--variants", default="relay,first", help=f"comma-separated, of: {', '.join(VARIANTS)}")
     ap.add_argument("--max-new-tokens", type=int, default=16)
-    ap.add_argument("--full-reply", action="store_true", help="compare whole replies (dense's reply length + 1) instead")
+    ap.add_argument("--full-reply", action="store_true", help="compare whole replies (dense's reply length + 1, or --max-new-tokens if longer) instead")
     ap.add_argument("--calls", help="comma-separated agent ids to measure (default: every call after the first)")
     ap.add_argument("--first", type=int, default=16)
     ap.add_argument("--device", default=None)
@@ -115,7 +127,7 @@ def main() -> None:
     templates = [runner.templates[(0, k)] for k in range(args.agents)] + [runner.decider]
     tok = lm.tokenizer
     rows = {r["id"]: r for r in map(json.loads, Path(args.rows).read_text().splitlines())}
-    stats = {(v, t.agent_id): {"calls": 0, "first_token": 0, "reply": 0, "err": [], "err_first": [], "err_rest": [],
+    stats = {(v, t.agent_id): {"calls": 0, "first_token": 0, "reply": 0, "answer": 0, "err": [], "err_first": [], "err_rest": [],
                                "per_layer": [], "items": {}} for v in variants for t in templates[1:]}
     measured = set(args.calls.split(",")) if args.calls else {t.agent_id for t in templates[1:]}
     stats = {k: s for k, s in stats.items() if k[1] in measured}
@@ -146,7 +158,7 @@ def main() -> None:
                     acc[0] = acc[0] + (dense.v - past.v[:, :, m:]).sum(2, keepdim=True)
                     acc[1] += covered
                 elif agent.agent_id in measured:
-                    budget_k = len(call["reply_ids"]) + 1 if args.full_reply else args.max_new_tokens
+                    budget_k = max(len(call["reply_ids"]) + 1, args.max_new_tokens) if args.full_reply else args.max_new_tokens
                     dense_reply = greedy_continue(lm, dcache, dlg[0, -1], len(ids), budget_k, engine.stops)
                     where.setdefault(agent.agent_id, []).append(_where(dense, past, m, spans, origin[:covered]))
                     top2 = dlg[0, -1].float().topk(2).values
@@ -159,6 +171,7 @@ def main() -> None:
                     s["first_token"] += int(lg.argmax() == dlg[0, -1].argmax())
                     out = greedy_continue(lm, cache, lg, len(ids), budget_k, engine.stops)
                     s["reply"] += int(out == dense_reply)
+                    s["answer"] += int(wl.answer_of(it, tok.decode(out)) == wl.answer_of(it, tok.decode(dense_reply)))
                     s["items"][it.id] = out == dense_reply
                     f = args.first
                     s["err"].append(relative_error(dense.v[1:], got.v[1:]))
@@ -176,13 +189,14 @@ def main() -> None:
     for (v, a), s in stats.items():
         n = max(1, s["calls"])
         layers = [sum(col) / n for col in zip(*s["per_layer"])] if s["per_layer"] else []
-        out[f"{v}/{a}"] = {"calls": s["calls"], "first_token_equal": s["first_token"] / n, "reply_equal": s["reply"] / n,
+        out[f"{v}/{a}"] = {"calls": s["calls"], "first_token_equal": s["first_token"] / n, "reply_equal": s["reply"] / n, "answer_equal": s["answer"] / n,
                            "value_err": sum(s["err"]) / n, "value_err_first": sum(s["err_first"]) / n,
                            "value_err_rest": sum(s["err_rest"]) / n, "value_err_per_layer": layers,
                            "reply_equal_by_item": s["items"]}
         print(f"{v:6s} {a:9s} value err {out[f'{v}/{a}']['value_err']:.4f} (first {args.first}: "
               f"{out[f'{v}/{a}']['value_err_first']:.4f}, rest {out[f'{v}/{a}']['value_err_rest']:.4f})  "
-              f"first token = dense {s['first_token']}/{s['calls']}  reply = dense {s['reply']}/{s['calls']}")
+              f"first token = dense {s['first_token']}/{s['calls']}  reply = dense {s['reply']}/{s['calls']}  "
+              f"answer = dense {s['answer']}/{s['calls']}")
     for a, rows_a in where.items():
         keys = [k for k in rows_a[0] if k != "by_origin"]
         origins = sorted({o for w in rows_a for o in w["by_origin"]})

@@ -35,6 +35,16 @@ NAME = "kvcomm"
 _registered = False
 
 
+def attention_weights(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """Softmax attention probabilities [batch, heads, q, keys] in float32, each key head serving its query heads."""
+    n_rep = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(n_rep, dim=1) if n_rep > 1 else key
+    scores = torch.matmul(query.float(), k.float().transpose(-1, -2)) * scaling
+    if mask is not None:
+        scores = scores + mask.float() if mask.dtype != torch.bool else scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
 class ImportanceRecorder:
     """Collects Ŝ_l = 1/(H·|Q|) Σ_h Σ_q Σ_{c∈C} a^l_{h,q,c} per layer, summed over calls, where C is the
     key columns [context_start, context_len): all the sender's tokens, or only its context's."""
@@ -45,12 +55,7 @@ class ImportanceRecorder:
         self.calls = torch.zeros(num_layers, dtype=torch.long)
 
     def add(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float):
-        n_rep = query.shape[1] // key.shape[1]
-        k = key.repeat_interleave(n_rep, dim=1) if n_rep > 1 else key
-        scores = torch.matmul(query.float(), k.float().transpose(-1, -2)) * scaling
-        if mask is not None:
-            scores = scores + mask.float() if mask.dtype != torch.bool else scores.masked_fill(~mask, float("-inf"))
-        weights = torch.softmax(scores, dim=-1)
+        weights = attention_weights(query, key, mask, scaling)
         mass = weights[..., self.context_start : self.context_len].sum(-1)  # [batch, heads, q]
         self.sums[layer] += mass.mean().item()
         self.calls[layer] += 1
@@ -71,13 +76,8 @@ class TokenImportanceRecorder:
 
     def add(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float):
         w = min(self.window, query.shape[2])
-        n_rep = query.shape[1] // key.shape[1]
-        k = key.repeat_interleave(n_rep, dim=1) if n_rep > 1 else key
-        scores = torch.matmul(query[:, :, -w:].float(), k.float().transpose(-1, -2)) * scaling
-        if mask is not None:
-            rows = mask[..., -w:, :] if mask.shape[-2] > 1 else mask
-            scores = scores + rows.float() if mask.dtype != torch.bool else scores.masked_fill(~rows, float("-inf"))
-        mass = torch.softmax(scores, dim=-1).sum(dim=(0, 1, 2))  # [keys]
+        rows = mask[..., -w:, :] if mask is not None and mask.shape[-2] > 1 else mask
+        mass = attention_weights(query[:, :, -w:], key, rows, scaling).sum(dim=(0, 1, 2))  # [keys]
         if self.mass is None:
             self.mass = mass
         else:

@@ -93,9 +93,18 @@ def _read_run(d: Path) -> dict:
         raise DataError(f"cannot read {d / 'run.json'}: {e}; delete {d} to run that shard again") from None
 
 
+# run settings whose `kvcomm agents` flag is not the setting's name with dashes
+FLAG_OF = {"batch_decode": "--concurrency", "shards": "--shard", "fingerprint": "--model", "kv_precision": "--precision",
+           "prefix_slots": None}
+
+
 def _differences(before: dict, now: dict) -> list[str]:
-    """Settings both name with different values (a setting only one names is not compared)."""
-    return [f"{k} {before[k]!r} there, {v!r} now" for k, v in now.items() if k in before and before[k] != v]
+    """Settings both name with different values (a setting only one names is not compared), each with the
+    flag that sets it."""
+    def flag(k: str) -> str:
+        f = FLAG_OF.get(k, "--" + k.replace("_", "-"))
+        return f" ({f})" if f else ""
+    return [f"{k} {before[k]!r} there, {v!r} now{flag(k)}" for k, v in now.items() if k in before and before[k] != v]
 
 
 def start_shard(out: Path, k: int, n: int, settings: dict, meta: dict, fresh: bool = False) -> Path:

@@ -105,9 +105,9 @@ def test_an_unsharded_run_may_grow_its_limit(lm, whole, tmp_path, monkeypatch):
 def test_other_settings_do_not_resume_into_the_same_folder(lm, whole):
     out, _ = whole
     other = replace(CONFIG, seed=1)
-    with pytest.raises(DataError, match="seed 0 there, 1 now"):
+    with pytest.raises(DataError, match=r"seed 0 there, 1 now \(--seed\)"):
         run_modes(lm, other, progress=False, out=out)
-    with pytest.raises(DataError, match="shards 1 there, 2 now"):
+    with pytest.raises(DataError, match=r"shards 1 there, 2 now \(--shard\)"):
         run_modes(lm, replace(CONFIG, shard=(1, 2)), progress=False, out=out)
     with pytest.raises(DataError, match="has no items"):
         run_modes(lm, replace(CONFIG, limit=1, shard=(0, 2)), progress=False, out=out)
@@ -187,6 +187,8 @@ def test_batch_decode_gives_the_same_report(lm, tmp_path):
     assert batched["batch_decode"] and not plain["batch_decode"]
     assert json.loads((shard_dir(tmp_path, 0, 1) / "run.json").read_text())["settings"]["batch_decode"] == 3
     _same_items(plain, batched)
+    with pytest.raises(DataError, match=r"batch_decode 3 there, 2 now \(--concurrency\)"):  # the flag, not the key
+        run_modes(lm, replace(config, batch_decode=True, concurrency=2), progress=False, out=tmp_path)
 
 
 def test_batch_decode_flag_is_local_only():

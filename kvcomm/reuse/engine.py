@@ -221,8 +221,8 @@ class ReuseEngine:
         past, covered = relay_past(lm, tkv.p0, ids[tkv.p0.n :], [c.transcript for c in contents.values() if c.transcript])
         picked, extra, over = [], 0.0, past
         if covered and cfg.recompute > 0 and cfg.select == "attention":
-            reusable = reusable_positions(spans, past.n)
-            picked, over = attention_pick(lm, ids, past, reusable, budget(cfg.recompute, reusable), spans[-1][2] - spans[-1][1])
+            reusable, closing = reusable_positions(spans, past.n), spans[-1][2] - spans[-1][1]
+            picked, over = attention_pick(lm, ids, past, reusable, budget(cfg.recompute, reusable), closing)
             extra = len(ids) - over.n  # the rest before the rerun tokens ran once already
         elif covered and cfg.recompute > 0:
             picked, extra = choose(lm, cfg.select, cfg.recompute, ids, spans, past, None)

@@ -128,7 +128,7 @@ def main() -> None:
             full = assemble(lm, tkv.p0, spans, [add_offset(base, po), add_offset(tkv.segments[0], so)])
             t = sa if name.endswith("+tail") else len(ids) - 1  # +tail: the last segment is prefilled
             if name == "blend":  # the estimated offsets, then `--recompute` of the reused tokens (deviation picker)
-                picked, _ = choose(lm, "deviation", args.recompute, ids, spans, full.slice(0, t), None)
+                picked, _, _ = choose(lm, "deviation", args.recompute, ids, spans, full.slice(0, t), None)
                 lg, c2 = recompute(lm, ids, full.slice(0, t), picked)
                 full = cache_to_block(c2, 0, len(ids))
             else:

@@ -181,20 +181,23 @@ def masked_recompute(lm, ids: list[int], assembled: KVBlock, picked: list[int]):
 
 
 def choose(lm, select: str, fraction: float, ids: list[int], spans, assembled: KVBlock,
-           value_offsets: torch.Tensor | None) -> tuple[list[int], float]:
-    """(picked positions, extra prefill cost in token-equivalents) for one reused call."""
+           value_offsets: torch.Tensor | None) -> tuple[list[int], float, KVBlock]:
+    """(picked positions, extra prefill cost in token-equivalents, the KV to `recompute` over) for one reused
+    call. The KV is `assembled`, except under `attention`, which first runs the prompt's rest over it and
+    returns that run's KV of all but the last token (`attention_pick`; its window is the last segment)."""
     if select not in SELECTORS:
         raise ValueError(f"select must be one of {SELECTORS}, got {select!r}")
     reusable = reusable_positions(spans, assembled.n)
     k = budget(fraction, reusable)
     if k == 0:
-        return [], 0.0
+        return [], 0.0, assembled
     if select == "first":
-        return pick_first(reusable, k), 0.0
-    if select == "attention":
-        raise ValueError("the attention picker runs the prompt first: call attention_pick (relay only)")
+        return pick_first(reusable, k), 0.0, assembled
+    if select == "attention":  # the rest ran once already; beyond it only the rerun tokens count
+        picked, over = attention_pick(lm, ids, assembled, reusable, k, spans[-1][2] - spans[-1][1])
+        return picked, float(len(ids) - over.n), over
     if select == "offset":
         scores = offset_scores(value_offsets, assembled.n) if value_offsets is not None else torch.zeros(assembled.n)
-        return pick_top(scores, reusable, k), 0.0
+        return pick_top(scores, reusable, k), 0.0, assembled
     layers = lm.model.config.num_hidden_layers
-    return pick_top(layer1_value_deviation(lm, ids, assembled), reusable, k), assembled.n / layers
+    return pick_top(layer1_value_deviation(lm, ids, assembled), reusable, k), assembled.n / layers, assembled

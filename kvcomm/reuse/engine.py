@@ -47,7 +47,7 @@ from kvcomm.core.kv import KVBlock, cache_to_block, move, prefill
 from kvcomm.core.models import LoadedModel
 from kvcomm.reuse.anchors import AgentDelta, AnchorPool, KVPool, content_key, pack, unpacked
 from kvcomm.reuse.assembly import assemble
-from kvcomm.reuse.blend import attention_pick, budget, choose, recompute, reusable_positions
+from kvcomm.reuse.blend import choose, recompute
 from kvcomm.reuse.config import MODES, ReuseConfig
 from kvcomm.reuse.relay import Transcript, common_prefix, relay_past
 from kvcomm.reuse.templates import AgentTemplate, shared_head_ids
@@ -220,12 +220,8 @@ class ReuseEngine:
         lm, cfg = self.lm, self.config
         past, covered = relay_past(lm, tkv.p0, ids[tkv.p0.n :], [c.transcript for c in contents.values() if c.transcript])
         picked, extra, over = [], 0.0, past
-        if covered and cfg.recompute > 0 and cfg.select == "attention":
-            reusable, closing = reusable_positions(spans, past.n), spans[-1][2] - spans[-1][1]
-            picked, over = attention_pick(lm, ids, past, reusable, budget(cfg.recompute, reusable), closing)
-            extra = len(ids) - over.n  # the rest before the rerun tokens ran once already
-        elif covered and cfg.recompute > 0:
-            picked, extra = choose(lm, cfg.select, cfg.recompute, ids, spans, past, None)
+        if covered and cfg.recompute > 0:
+            picked, extra, over = choose(lm, cfg.select, cfg.recompute, ids, spans, past, None)
         logits, cache = recompute(lm, ids, over, picked)
         return logits, cache, "relay" if covered else "prefix", len(ids) - past.n + len(picked) + round(extra)
 
@@ -273,12 +269,12 @@ class ReuseEngine:
         used = {k: m for k, m in matches.items() if m is not None}
         if cfg.recompute > 0 or failed:
             forced = _failed_positions(agent, spans, failed, t)
-            picked, extra = [], 0.0
+            picked, extra, over = [], 0.0, full.slice(0, t)
             if cfg.recompute > 0:
                 value_offsets = torch.cat(offsets, 2)[:, :, :t] if offsets else None
-                picked, extra = choose(lm, cfg.select, cfg.recompute, ids, spans, full.slice(0, t), value_offsets)
+                picked, extra, over = choose(lm, cfg.select, cfg.recompute, ids, spans, over, value_offsets)
             picked = sorted(set(picked) | set(forced))
-            logits, cache = recompute(lm, ids, full.slice(0, t), picked)
+            logits, cache = recompute(lm, ids, over, picked)
             if failed:
                 self._record(agent, tkv, cache, spans, contents, bases, matches, agent_key, request)
             return (logits, cache, "partial" if failed else "reuse", prefilled + len(ids) - t + len(picked) + round(extra),

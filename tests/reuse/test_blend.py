@@ -126,9 +126,9 @@ def test_deviation_picker_finds_the_perturbed_tokens(arch):
     for p in (7, 12, 20):
         v[1, :, p] += 3.0
     spans = [("p0", 0, 4), ("user_question", 4, 22), ("p1", 22, 26)]
-    picked, cost = choose(lm, "deviation", 3 / 21, ids, spans, KVBlock(assembled.k, v), None)
+    picked, cost, over = choose(lm, "deviation", 3 / 21, ids, spans, KVBlock(assembled.k, v), None)
     assert picked == [7, 12, 20]
-    assert cost == pytest.approx(25 / lm.model.config.num_hidden_layers)
+    assert cost == pytest.approx(25 / lm.model.config.num_hidden_layers) and over.n == 25
 
 
 def test_offset_picker_ranks_by_offset_size():
@@ -139,7 +139,7 @@ def test_offset_picker_ranks_by_offset_size():
     offsets[2, :, 8] = 5.0
     offsets[3, :, 3] = 1.0
     spans = [("p0", 0, 2), ("user_question", 2, 12)]
-    picked, cost = choose(lm, "offset", 0.2, ids, spans, ref.slice(0, 11), offsets)
+    picked, cost, _ = choose(lm, "offset", 0.2, ids, spans, ref.slice(0, 11), offsets)
     assert picked == [3, 8] and cost == 0.0
 
 

@@ -116,10 +116,10 @@ def attention_mass(lm, ids: list[int], assembled: KVBlock, window: int, rerun: i
 
 
 def attention_pick(lm, ids: list[int], assembled: KVBlock, reusable: list[tuple[int, int]], k: int,
-                   window: int, rerun: int = 1) -> tuple[list[int], KVBlock]:
+                   window: int) -> tuple[list[int], KVBlock]:
     """(the `k` reusable positions the last `window` prompt tokens attend to most, the KV to recompute over):
-    `attention_mass`, then the top k. Cost with `recompute`: the rest of the prompt + k + rerun tokens."""
-    mass, over = attention_mass(lm, ids, assembled, window, rerun)
+    `attention_mass`, then the top k. Cost with `recompute`: the rest of the prompt + k + 1 tokens."""
+    mass, over = attention_mass(lm, ids, assembled, window)
     return pick_top(mass, reusable, k), over
 
 

@@ -54,6 +54,13 @@ class ReuseConfig:
                     its calls vs 80% / 72%; results/agents-gsm3-fp32-candidates-qwen0.5b): the probe saw only the
                     stand-alone question; without a reply's value offsets agent 1's first token leaves dense's on 4 more of 19
                     items (benchmarks/offset_error_pair.py). Kept to reproduce that.
+    spare_question  relay only (setting suffix `+replies`): recompute picks among the relayed tokens after the
+                    conversation's first content (the user question), and R counts only those. Beyond both papers. Why:
+                    the question is relayed as the first agent computed it, right after its own p0, and differs from
+                    dense's by the role line alone; every later relayed token was computed over relayed KV too. On the
+                    gsm judge (Qwen2.5-Coder-0.5B, float32, `benchmarks/relay_error.py`) a question token's squared value
+                    error is 1/40 of a reply token's (1.8 vs 61-73), so picks there buy little, and the question is
+                    37% of HumanEval's relayed tokens (21% of gsm's): sparing it frees that share of the budget.
     kv_precision    precision of the KV one agent hands another (replies' KV, stand-alone contents' base
                     KV, relay's transcripts), as a KV message at that precision would deliver it: None = as computed; fp8/int8/
                     int4 quantized then dequantized (`kvcomm.core.quant`), bf16/fp16/fp32 a cast. The local
@@ -70,6 +77,7 @@ class ReuseConfig:
     defer_base: bool = False
     partial: bool = False
     value_offsets: bool = True
+    spare_question: bool = False
     kv_precision: str | None = None
 
     def __post_init__(self):
@@ -85,7 +93,9 @@ class ReuseConfig:
             raise ValueError("value_offsets=False needs offsets: without anchors there are no offsets to drop")
 
 
-FLAGS = {"defer": ("defer_base", True), "partial": ("partial", True), "keysonly": ("value_offsets", False)}  # flag -> (field, value)
+FLAGS = {"defer": ("defer_base", True), "partial": ("partial", True), "keysonly": ("value_offsets", False),
+         "replies": ("spare_question", True)}  # flag -> (field, value)
+RELAY_FLAGS = ("replies",)  # the only flag relay takes, and relay's alone
 NEEDS_OFFSETS = ("partial", "keysonly")  # flags that only mean something with anchors and offsets
 
 
@@ -97,7 +107,8 @@ def parse_setting(setting: str, base: ReuseConfig = ReuseConfig()) -> tuple[str,
     """(engine mode, config) for a setting name: dense | prefix | relay[@R[:select]] | reuse | blend@R[:select] |
     cacheblend@R[:select],
     the last three optionally followed by `+defer` (`ReuseConfig.defer_base`), reuse and blend also by
-    `+partial` (`ReuseConfig.partial`) and `+keysonly` (`ReuseConfig.value_offsets=False`), in any order.
+    `+partial` (`ReuseConfig.partial`) and `+keysonly` (`ReuseConfig.value_offsets=False`), in any order;
+    relay@R with R > 0 by `+replies` (`ReuseConfig.spare_question`).
 
     `blend@0.15` is the paper's reuse plus recompute of 15% of the reused tokens (picked by layer-1
     value deviation unless `:offset` or `:first` says otherwise); `cacheblend@0.15` the same without
@@ -105,13 +116,20 @@ def parse_setting(setting: str, base: ReuseConfig = ReuseConfig()) -> tuple[str,
     each relayed segment unless `:deviation` says otherwise (`kvcomm.reuse.relay`)."""
     head, *flags = setting.split("+")
     mode, config = _parse_base(head, base)
-    if mode is None or (flags and mode != "reuse") or len(set(flags)) < len(flags) \
-            or any(f not in FLAGS for f in flags) or (not config.offsets and any(f in NEEDS_OFFSETS for f in flags)):
+    if mode is None or len(set(flags)) < len(flags) or any(f not in _flags_of(mode, config) for f in flags) \
+            or (not config.offsets and any(f in NEEDS_OFFSETS for f in flags)):
         raise ValueError(f"unknown setting {setting!r}: use dense, prefix, relay, relay@R[:select], reuse, blend@R[:select] or "
                          f"cacheblend@R[:select] with 0 <= R <= 1 and select in {', '.join(REUSE_SELECTORS)} ({', '.join(RELAY_SELECTORS)} for "
                          f"relay); reuse, blend and cacheblend may end in +defer, "
-                         f"reuse and blend in +partial and +keysonly")
+                         f"reuse and blend in +partial and +keysonly, relay@R (R > 0) in +replies")
     return mode, replace(config, **dict(FLAGS[f] for f in flags))
+
+
+def _flags_of(mode: str, config: ReuseConfig) -> tuple[str, ...]:
+    """The setting flags `mode` takes: reuse's, relay's only with recompute (nothing to spare without it), else none."""
+    if mode == "reuse":
+        return tuple(f for f in FLAGS if f not in RELAY_FLAGS)
+    return RELAY_FLAGS if mode == "relay" and config.recompute > 0 else ()
 
 
 def _parse_base(name_at: str, base: ReuseConfig) -> tuple[str | None, ReuseConfig]:

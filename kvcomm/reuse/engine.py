@@ -26,7 +26,7 @@ Settings name a mode and its options in one string (`parse_setting`): dense, pre
 paper), blend@R[:select] (offsets + recompute of a fraction R), cacheblend@R[:select] (recompute
 without offsets), relay@R[:select] (relay + recompute of a fraction R); a trailing `+defer` on reuse,
 blend or cacheblend sets `defer_base`, `+partial` on reuse or blend sets `partial`, `+keysonly` on reuse
-or blend clears `value_offsets` (in any order).
+or blend clears `value_offsets` (in any order), `+replies` on relay@R sets `spare_question`.
 
 Timing: TTFT is measured from the start of the call to the first token's logits, including base-KV
 prefills, anchor matching and cache assembly. Template KV is precomputed when an agent template is
@@ -115,6 +115,8 @@ class ReuseEngine:
             raise ValueError("relay adds no offsets to rank tokens by: select first, deviation or attention")
         if mode == "reuse" and config.recompute > 0 and config.select == "attention":
             raise ValueError("the attention picker is relay's (relay@R:attention): select deviation, offset or first")
+        if mode != "relay" and config.spare_question:
+            raise ValueError("spare_question (+replies) is relay's: only relay takes the question as the first agent computed it")
         self.lm = lm
         self.mode = mode
         self.pool = pool if pool is not None else AnchorPool()
@@ -220,8 +222,9 @@ class ReuseEngine:
         lm, cfg = self.lm, self.config
         past, covered = relay_past(lm, tkv.p0, ids[tkv.p0.n :], [c.transcript for c in contents.values() if c.transcript])
         picked, extra, over = [], 0.0, past
-        if covered and cfg.recompute > 0:
-            picked, extra, over = choose(lm, cfg.select, cfg.recompute, ids, spans, past, None)
+        if covered and cfg.recompute > 0:  # +replies: the question's span left out of the picks and R's count
+            pickable = spans[:1] + spans[2:] if cfg.spare_question else spans
+            picked, extra, over = choose(lm, cfg.select, cfg.recompute, ids, pickable, past, None)
         logits, cache = recompute(lm, ids, over, picked)
         return logits, cache, "relay" if covered else "prefix", len(ids) - past.n + len(picked) + round(extra)
 

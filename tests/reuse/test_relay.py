@@ -30,8 +30,11 @@ def test_settings():
     assert parse_setting("relay@0.1") == ("relay", ReuseConfig(recompute=0.1, select="first"))
     assert parse_setting("relay@0.2:deviation") == ("relay", ReuseConfig(recompute=0.2, select="deviation"))
     assert parse_setting("relay@0.1:attention") == ("relay", ReuseConfig(recompute=0.1, select="attention"))
+    assert parse_setting("relay@0.1:attention+replies") == ("relay", ReuseConfig(recompute=0.1, select="attention",
+                                                                                  spare_question=True))
     for bad in ("relay+defer", "relay+partial", "relay@0.1+defer", "relay@0.1:offset", "relay@1.5", "relay@x",
-                "blend@0.1:attention", "cacheblend@0.1:attention"):
+                "blend@0.1:attention", "cacheblend@0.1:attention", "relay+replies", "relay@0+replies",
+                "blend@0.1+replies", "reuse+replies", "relay@0.1+replies+replies"):
         with pytest.raises(ValueError, match="unknown setting"):
             parse_setting(bad)
     assert common_prefix([1, 2, 3, 4], [1, 2, 3, 5], 9) == 3
@@ -164,6 +167,48 @@ def test_relay_recompute_by_attention(arch):
     torch.testing.assert_close(every.k, dense.slice(start, start + shared).k, **TOL)
     with pytest.raises(ValueError, match="attention picker"):
         ReuseEngine(lm, "reuse", config=ReuseConfig(recompute=0.1, select="attention"))
+
+
+def _third_agent(arch, settings):
+    """The third agent's call (it relays the question and agent 0's reply) under each setting, with its prompt
+    and spans."""
+    lm = make_tiny(arch)
+    wl = Workload("math", ["you are one", "you are the two of us", "three"], "answer", "judge", math_items(1, 0))
+    out = {}
+    for setting in settings:
+        mode, config = parse_setting(setting, ReuseConfig(max_new_tokens=5))
+        engine = ReuseEngine(lm, mode, config=config)
+        runner = MultiAgentRunner(engine, wl, 3)
+        contents = {"user_question": Content(engine.tokenizer(wl.items[0].question, add_special_tokens=False)["input_ids"])}
+        for k in range(3):
+            res = engine.call(runner.templates[(0, k)], dict(contents))
+            contents[f"agent_{k}_current"] = res.reply
+        out[setting] = res
+    ids, spans = runner.templates[(0, 2)].layout({name: c.ids for name, c in contents.items()})
+    return ids, spans, out
+
+
+@pytest.mark.parametrize("select", ["first", "attention"])
+def test_relay_replies_spares_the_question(select):
+    """`+replies` leaves the question's relayed KV as the first agent computed it: R counts and picks only the
+    relayed tokens after it, so the question's KV is relay's bit for bit, and the prefill is relay's + R of the
+    rest (+1 for the attention picker's rerun token)."""
+    plain, spared = f"relay@0.5:{select}", f"relay@0.5:{select}+replies"
+    ids, spans, out = _third_agent("qwen2", ("relay", plain, spared))
+    relay = out["relay"]
+    start = relay.reply.transcript.start
+    covered = len(ids) - start - relay.prefilled_tokens
+    _, qa, qb = spans[1]
+    assert qa == start and covered > qb - qa > 0  # the question is relayed, and so is something after it
+    rerun = 1 if select == "attention" else 0
+    assert out[plain].prefilled_tokens == relay.prefilled_tokens + -(-covered // 2) + rerun
+    assert out[spared].prefilled_tokens == relay.prefilled_tokens + -(-(covered - (qb - qa)) // 2) + rerun
+    question = slice(0, qb - qa)
+    kv = {s: out[s].reply.transcript.kv for s in out}
+    torch.testing.assert_close(kv[spared].v[:, :, question], kv["relay"].v[:, :, question], atol=0, rtol=0)
+    assert (kv[spared].v[1:, :, qb - qa : covered] - kv["relay"].v[1:, :, qb - qa : covered]).abs().max() > 0
+    if select == "first":  # the question's first token is among plain first's picks: recomputed, off relay's KV
+        assert (kv[plain].v[1:, :, 0] - kv["relay"].v[1:, :, 0]).abs().max() > 0
 
 
 def test_attention_pick_takes_the_most_read_tokens():

@@ -61,6 +61,9 @@ class ReuseConfig:
                     gsm judge (Qwen2.5-Coder-0.5B, float32, `benchmarks/relay_error.py`) a question token's squared value
                     error is 1/40 of a reply token's (1.8 vs 61-73), so picks there buy little, and the question is
                     37% of HumanEval's relayed tokens (21% of gsm's): sparing it frees that share of the budget.
+                    Measured worse (results/agents-relay-replies-qwen0.5b): with the attention picker it gives up the two
+                    gsm judges the picker had returned (95% -> 94% of dense's answers, 3 agents; 94% -> 92% on 5); what
+                    those near-ties hinge on is how the judge reads the question. Kept to reproduce that; off by default.
     kv_precision    precision of the KV one agent hands another (replies' KV, stand-alone contents' base
                     KV, relay's transcripts), as a KV message at that precision would deliver it: None = as computed; fp8/int8/
                     int4 quantized then dequantized (`kvcomm.core.quant`), bf16/fp16/fp32 a cast. The local

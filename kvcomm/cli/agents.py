@@ -55,7 +55,9 @@ def add_parser(sub) -> None:
                         "prefix and encode the question's base KV after its reply; append +partial to reuse/blend to reuse the "
                         "placeholders that pass the entropy test and recompute only the others (instead of a dense "
                         "prefill of the whole prompt); append +keysonly to reuse/blend to add a reused placeholder's key offsets "
-                        "but not its value offsets; e.g. reuse+partial+defer")
+                        "but not its value offsets; append +newest to relay (relay the newest reply too) or +replies to "
+                        "relay@R (spare the question from recompute): both measured worse, kept to reproduce; "
+                        "e.g. reuse+partial+defer")
     p.add_argument("--limit", type=positive_int, default=10,
                    help="workload items (default 10; coding has 164: a larger --limit takes them all)")
     p.add_argument("--warmup", type=bounded(int, 0), default=2,

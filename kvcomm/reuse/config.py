@@ -64,6 +64,17 @@ class ReuseConfig:
                     Measured worse (results/agents-relay-replies-qwen0.5b): with the attention picker it gives up the two
                     gsm judges the picker had returned (95% -> 94% of dense's answers, 3 agents; 94% -> 92% on 5); what
                     those near-ties hinge on is how the judge reads the question. Kept to reproduce that; off by default.
+    relay_newest    relay only (setting suffix `+newest`): relay the newest reply too, as its producer computed it (after
+                    its own closing segment and assistant header), moved to this prompt's positions; its "Agent j said:"
+                    header runs, and with `recompute` the picks count the reply among the relayed tokens. Beyond both
+                    papers. Why: relay prefills the newest reply, ~70% of what it prefills on gsm (6.1% of dense's
+                    prefill is left without it); that budget buys a larger R. On the 11 gsm judge calls relay changes
+                    (Qwen2.5-Coder-0.5B, float32, `benchmarks/relay_error.py`, variant `newest@R`) R = 0.3 returns dense's
+                    answer on 9 and its whole reply on 7 at 15% of the judge's prefill (relay@0.1:attention: 8 and 3).
+                    End to end it is far worse (gsm, 3 agents, 100 items: 88% of dense's answers, 74% of its calls at
+                    23.2%; results/agents-relay-newest-qwen0.5b): whole replies drift, and every later agent relays KV
+                    already carrying the moved reply's error. Kept to reproduce that; off by default.
+                    Not with the `attention` picker (its first pass would run over the header's unfilled KV).
     kv_precision    precision of the KV one agent hands another (replies' KV, stand-alone contents' base
                     KV, relay's transcripts), as a KV message at that precision would deliver it: None = as computed; fp8/int8/
                     int4 quantized then dequantized (`kvcomm.core.quant`), bf16/fp16/fp32 a cast. The local
@@ -81,6 +92,7 @@ class ReuseConfig:
     partial: bool = False
     value_offsets: bool = True
     spare_question: bool = False
+    relay_newest: bool = False
     kv_precision: str | None = None
 
     def __post_init__(self):
@@ -97,8 +109,8 @@ class ReuseConfig:
 
 
 FLAGS = {"defer": ("defer_base", True), "partial": ("partial", True), "keysonly": ("value_offsets", False),
-         "replies": ("spare_question", True)}  # flag -> (field, value)
-RELAY_FLAGS = ("replies",)  # the only flag relay takes, and relay's alone
+         "replies": ("spare_question", True), "newest": ("relay_newest", True)}  # flag -> (field, value)
+RELAY_FLAGS = ("replies", "newest")  # relay's flags, and relay's alone (+replies only with recompute)
 NEEDS_OFFSETS = ("partial", "keysonly")  # flags that only mean something with anchors and offsets
 
 
@@ -111,7 +123,8 @@ def parse_setting(setting: str, base: ReuseConfig = ReuseConfig()) -> tuple[str,
     cacheblend@R[:select],
     the last three optionally followed by `+defer` (`ReuseConfig.defer_base`), reuse and blend also by
     `+partial` (`ReuseConfig.partial`) and `+keysonly` (`ReuseConfig.value_offsets=False`), in any order;
-    relay@R with R > 0 by `+replies` (`ReuseConfig.spare_question`).
+    relay and relay@R by `+newest` (`ReuseConfig.relay_newest`), relay@R with R > 0 also by `+replies`
+    (`ReuseConfig.spare_question`).
 
     `blend@0.15` is the paper's reuse plus recompute of 15% of the reused tokens (picked by layer-1
     value deviation unless `:offset` or `:first` says otherwise); `cacheblend@0.15` the same without
@@ -124,15 +137,17 @@ def parse_setting(setting: str, base: ReuseConfig = ReuseConfig()) -> tuple[str,
         raise ValueError(f"unknown setting {setting!r}: use dense, prefix, relay, relay@R[:select], reuse, blend@R[:select] or "
                          f"cacheblend@R[:select] with 0 <= R <= 1 and select in {', '.join(REUSE_SELECTORS)} ({', '.join(RELAY_SELECTORS)} for "
                          f"relay); reuse, blend and cacheblend may end in +defer, "
-                         f"reuse and blend in +partial and +keysonly, relay@R (R > 0) in +replies")
+                         f"reuse and blend in +partial and +keysonly, relay in +newest, relay@R (R > 0) also in +replies")
     return mode, replace(config, **dict(FLAGS[f] for f in flags))
 
 
 def _flags_of(mode: str, config: ReuseConfig) -> tuple[str, ...]:
-    """The setting flags `mode` takes: reuse's, relay's only with recompute (nothing to spare without it), else none."""
+    """The setting flags `mode` takes: reuse's, relay's (+replies only with recompute: nothing to spare without it)."""
     if mode == "reuse":
         return tuple(f for f in FLAGS if f not in RELAY_FLAGS)
-    return RELAY_FLAGS if mode == "relay" and config.recompute > 0 else ()
+    if mode == "relay":
+        return RELAY_FLAGS if config.recompute > 0 else ("newest",)
+    return ()
 
 
 def _parse_base(name_at: str, base: ReuseConfig) -> tuple[str | None, ReuseConfig]:

@@ -26,7 +26,8 @@ Settings name a mode and its options in one string (`parse_setting`): dense, pre
 paper), blend@R[:select] (offsets + recompute of a fraction R), cacheblend@R[:select] (recompute
 without offsets), relay@R[:select] (relay + recompute of a fraction R); a trailing `+defer` on reuse,
 blend or cacheblend sets `defer_base`, `+partial` on reuse or blend sets `partial`, `+keysonly` on reuse
-or blend clears `value_offsets` (in any order), `+replies` on relay@R sets `spare_question`.
+or blend clears `value_offsets` (in any order), `+replies` on relay@R sets `spare_question`, `+newest` on relay
+sets `relay_newest`.
 
 Timing: TTFT is measured from the start of the call to the first token's logits, including base-KV
 prefills, anchor matching and cache assembly. Template KV is precomputed when an agent template is
@@ -49,7 +50,7 @@ from kvcomm.reuse.anchors import AgentDelta, AnchorPool, KVPool, content_key, pa
 from kvcomm.reuse.assembly import assemble
 from kvcomm.reuse.blend import choose, recompute
 from kvcomm.reuse.config import MODES, ReuseConfig
-from kvcomm.reuse.relay import Transcript, common_prefix, relay_past
+from kvcomm.reuse.relay import Transcript, common_prefix, relay_past, with_newest_reply
 from kvcomm.reuse.templates import AgentTemplate, shared_head_ids
 
 
@@ -115,8 +116,11 @@ class ReuseEngine:
             raise ValueError("relay adds no offsets to rank tokens by: select first, deviation or attention")
         if mode == "reuse" and config.recompute > 0 and config.select == "attention":
             raise ValueError("the attention picker is relay's (relay@R:attention): select deviation, offset or first")
-        if mode != "relay" and config.spare_question:
-            raise ValueError("spare_question (+replies) is relay's: only relay takes the question as the first agent computed it")
+        if mode != "relay" and (config.spare_question or config.relay_newest):
+            raise ValueError("spare_question (+replies) and relay_newest (+newest) are relay's options")
+        if config.relay_newest and config.recompute > 0 and config.select == "attention":
+            raise ValueError("relay+newest with the attention picker: its first pass would run over the newest reply's "
+                             "header before it is computed; select first or deviation")
         self.lm = lm
         self.mode = mode
         self.pool = pool if pool is not None else AnchorPool()
@@ -220,11 +224,16 @@ class ReuseEngine:
         `attention` picker the rest runs first, its closing segment's attention picks, and the picks and
         the last prompt token run again over the result (`blend.attention_pick`)."""
         lm, cfg = self.lm, self.config
-        past, covered = relay_past(lm, tkv.p0, ids[tkv.p0.n :], [c.transcript for c in contents.values() if c.transcript])
+        transcripts = [c.transcript for c in contents.values() if c.transcript]
+        past, covered = relay_past(lm, tkv.p0, ids[tkv.p0.n :], transcripts)
+        header: list[int] = []  # +newest: the positions between the relayed prefix and the relayed newest reply
+        if covered and cfg.relay_newest:
+            past, header = with_newest_reply(lm, ids, spans, past, transcripts)
         picked, extra, over = [], 0.0, past
-        if covered and cfg.recompute > 0:  # +replies: the question's span left out of the picks and R's count
+        if covered and cfg.recompute > 0:  # +replies: the question's span left out; +newest: the header
             pickable = spans[:1] + spans[2:] if cfg.spare_question else spans
-            picked, extra, over = choose(lm, cfg.select, cfg.recompute, ids, pickable, past, None)
+            picked, extra, over = choose(lm, cfg.select, cfg.recompute, ids, _without(pickable, header), past, None)
+        picked = sorted(set(picked) | set(header))
         logits, cache = recompute(lm, ids, over, picked)
         return logits, cache, "relay" if covered else "prefix", len(ids) - past.n + len(picked) + round(extra)
 
@@ -333,6 +342,17 @@ class ReuseEngine:
             dseg = move(self.lm, real.slice(sa, sb), -sa) - tkv.segments[i]
             self.pool.stage(request, name, content_key(contents[name].ids), bases[name], agent_key,
                             AgentDelta(_zero_layer0(dphi), _zero_layer0(dseg)))
+
+
+def _without(spans, positions: list[int]):
+    """`spans` with the contiguous run `positions` cut out (a span it splits keeps both sides, same name)."""
+    if not positions:
+        return spans
+    lo, hi = positions[0], positions[-1] + 1
+    out = []
+    for name, a, b in spans:
+        out += [(name, x, y) for x, y in ((a, min(b, lo)), (max(a, hi), b)) if y > x]
+    return out
 
 
 def _failed_positions(agent: AgentTemplate, spans, failed: list[str], tail: int) -> list[int]:

@@ -15,7 +15,8 @@ that leaves a relative value error of 0.29 on the question and 0.22 on a reply (
 `benchmarks/offset_error_pair.py`), ten times what replies need to follow dense. The question's KV
 taken from agent 0's prompt has 0.018 without any offsets (and 0.022 with anchor offsets: they do not
 help here, so relay uses none). The newest reply is the exception: its producer computed it after
-its own closing instruction and assistant header, not after "Agent N said:", so relay prefills it.
+its own closing instruction and assistant header, not after "Agent N said:", so relay prefills it
+(`+newest`, `with_newest_reply`, relays it anyway and recomputes its header: measured far worse end to end).
 
 Recompute (`relay@R`, `ReuseConfig.recompute`): the relayed tokens' error is not spread evenly. On the gsm
 judge (Qwen2.5-Coder-0.5B, float32, the 11 items whose judge call left dense's, `benchmarks/relay_error.py`)
@@ -37,6 +38,7 @@ agents run in one process (the Ray backend does not ship transcripts). Memory: e
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from kvcomm.core.kv import KVBlock, move
@@ -79,3 +81,25 @@ def relay_past(lm, p0: KVBlock, rest: list[int], transcripts: list[Transcript]) 
     if src is None:
         return p0, 0
     return KVBlock.cat([p0, move(lm, src.kv.slice(0, best), p0.n - src.start)]), best
+
+
+def with_newest_reply(lm, ids: list[int], spans, past: KVBlock, transcripts: list[Transcript]) -> tuple[KVBlock, list[int]]:
+    """`past` extended by the newest reply's KV as its producer computed it (`relay@R+newest`), and the positions
+    that must run: those between the relayed prefix and that reply (its "Agent j said:" header).
+
+    The newest reply is the first placeholder after the relayed prefix whose content ends a transcript (its
+    producer's reply); its KV is moved from the producer's positions to this prompt's. The header positions get
+    zeros here: the caller recomputes them (they are picked, so their stale copy is masked). No such reply:
+    (`past`, [])."""
+    for name, a, b in spans:
+        if a < past.n or re.fullmatch(r"p\d+", name) or b == a:
+            continue
+        for t in transcripts:
+            n, m = len(t.ids), b - a
+            if n >= m and t.ids[n - m :] == ids[a:b] and t.kv.n >= n:
+                k, v = past.k, past.v
+                gap = KVBlock(k.new_zeros(*k.shape[:2], a - past.n, k.shape[3]), v.new_zeros(*v.shape[:2], a - past.n, v.shape[3]))
+                reply = move(lm, t.kv.slice(n - m, n), a - (t.start + n - m))
+                return KVBlock.cat([past, gap, reply]), list(range(past.n, a))
+        break  # only the first placeholder after the relayed prefix can follow it directly
+    return past, []

@@ -32,9 +32,13 @@ def test_settings():
     assert parse_setting("relay@0.1:attention") == ("relay", ReuseConfig(recompute=0.1, select="attention"))
     assert parse_setting("relay@0.1:attention+replies") == ("relay", ReuseConfig(recompute=0.1, select="attention",
                                                                                   spare_question=True))
+    assert parse_setting("relay+newest") == ("relay", ReuseConfig(relay_newest=True))
+    assert parse_setting("relay@0.3+newest") == ("relay", ReuseConfig(recompute=0.3, select="first", relay_newest=True))
+    with pytest.raises(ValueError, match="attention picker"):
+        ReuseEngine(make_tiny("llama"), "relay", config=parse_setting("relay@0.3:attention+newest")[1])
     for bad in ("relay+defer", "relay+partial", "relay@0.1+defer", "relay@0.1:offset", "relay@1.5", "relay@x",
                 "blend@0.1:attention", "cacheblend@0.1:attention", "relay+replies", "relay@0+replies",
-                "blend@0.1+replies", "reuse+replies", "relay@0.1+replies+replies"):
+                "blend@0.1+replies", "reuse+replies", "relay@0.1+replies+replies", "reuse+newest", "blend@0.1+newest"):
         with pytest.raises(ValueError, match="unknown setting"):
             parse_setting(bad)
     assert common_prefix([1, 2, 3, 4], [1, 2, 3, 5], 9) == 3
@@ -209,6 +213,49 @@ def test_relay_replies_spares_the_question(select):
     assert (kv[spared].v[1:, :, qb - qa : covered] - kv["relay"].v[1:, :, qb - qa : covered]).abs().max() > 0
     if select == "first":  # the question's first token is among plain first's picks: recomputed, off relay's KV
         assert (kv[plain].v[1:, :, 0] - kv["relay"].v[1:, :, 0]).abs().max() > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_relay_newest_reuses_the_producers_reply(arch):
+    """`+newest` relays the newest reply as its producer computed it: the third agent prefills only the reply's
+    header and the closing segment, and the reply's KV is the producer's, moved. relay@1+newest recomputes all of
+    it over the exact p0: dense's KV and reply, at the cost of a prefill past p0."""
+    ids, spans, out = _third_agent(arch, ("relay", "relay+newest", "relay@1+newest"))
+    relay, newest, every = out["relay"], out["relay+newest"], out["relay@1+newest"]
+    start = relay.reply.transcript.start
+    _, a, b = next(sp for sp in spans if sp[0] == "agent_1_current")
+    covered = len(ids) - start - relay.prefilled_tokens  # relay's prefix; then the header, the reply, the rest
+    assert newest.path == "relay" and newest.prefilled_tokens == relay.prefilled_tokens - (b - a)
+    assert a > start + covered  # a header runs between the relayed prefix and the reply
+    _, cache, _ = prefill(make_tiny(arch), ids)
+    dense = cache_to_block(cache)
+    torch.testing.assert_close(every.reply.transcript.kv.slice(0, len(ids) - start).v, dense.slice(start, len(ids)).v, **TOL)
+    assert every.prefilled_tokens == len(ids) - start
+    got = newest.reply.transcript.kv.slice(a - start, b - start)
+    assert (got.v[1:] - dense.slice(a, b).v[1:]).abs().max() > 1e-3  # computed in another context: not dense's
+
+
+def test_with_newest_reply_moves_the_producers_kv():
+    """`with_newest_reply` appends zeros for the header and the producer's reply KV moved to this prompt's
+    positions, and names the header positions; a prompt whose next placeholder is no transcript's reply is left."""
+    from kvcomm.core.kv import KVBlock
+    from kvcomm.reuse.relay import Transcript, with_newest_reply
+
+    lm = make_tiny("llama")
+    _, cache, _ = prefill(lm, list(range(3, 23)))
+    producer = Transcript(list(range(5, 23)), cache_to_block(cache, 2, 20), 2)  # its last 6 tokens: the reply
+    ids = [1, 2, 3, 4, 5, 6, 90, 91] + list(range(17, 23)) + [95, 96]
+    spans = [("p0", 0, 2), ("user_question", 2, 6), ("p1", 6, 8), ("agent_0_current", 8, 14), ("p2", 14, 16)]
+    _, pcache, _ = prefill(lm, ids[:6])
+    past = cache_to_block(pcache)
+    out, header = with_newest_reply(lm, ids, spans, past, [producer])
+    assert header == [6, 7] and out.n == 14
+    torch.testing.assert_close(out.v[:, :, 8:], producer.kv.slice(12, 18).v, atol=0, rtol=0)
+    torch.testing.assert_close(out.k[:, :, 8:], move(lm, producer.kv.slice(12, 18), 8 - 14).k, atol=0, rtol=0)
+    assert not out.k[:, :, 6:8].any()
+    other = ids[:8] + [40, 41, 42, 43, 44, 45] + ids[14:]
+    assert with_newest_reply(lm, other, spans, past, [producer])[1] == []
+    assert isinstance(out, KVBlock)
 
 
 def test_attention_pick_takes_the_most_read_tokens():

@@ -14,7 +14,10 @@ before the moved rest, a candidate fix if the error sits next to the role line. 
 `oracle@R`, `attn@R`: relay plus recompute of a fraction R of the span (`relay@R`), picked as the first tokens of each
 segment, by CacheBlend's layer-1 deviation, by the true deviation from dense (the best any picker of deviating tokens
 could do), or by the attention of the closing segment (`relay@R:attention`: its last token rerun; `attnall@R`: the
-whole rest of the prompt rerun; `mix@R`: half the budget `first`, half attention). Per call also: the gsm answer
+whole rest of the prompt rerun; `mix@R`: half the budget `first`, half attention); any `@R` variant may end in
+`+replies` (`relay@R+replies`: the question's span is neither picked nor counted in R). `newest@R` relays the
+newest reply too, as its producer computed it, and recomputes its header and the first tokens of every relayed span
+(`_with_newest`); it and `relay` also report their prefill against dense's of the same call. Per call also: the gsm answer
 (`Workload.answer_of`) of the reply against dense's (meaningful for the judge with `--full-reply`). Per agent it
 also reports where the error sits (`_where`) and dense's first-token margin per item. Variant `shift` (needs `--calib`):
 the reused span's values plus the mean value difference dense minus relay that the same call (agent position)
@@ -32,7 +35,7 @@ import torch
 from kvcomm.agents.runner import MultiAgentRunner
 from kvcomm.agents.workloads import load_workload
 from kvcomm.core.generation import greedy_continue
-from kvcomm.core.kv import KVBlock, cache_to_block, prefill
+from kvcomm.core.kv import KVBlock, cache_to_block, move, prefill
 from kvcomm.core.models import load_model
 from kvcomm.core.quant import relative_error
 from kvcomm.reuse.blend import (
@@ -48,7 +51,25 @@ from kvcomm.reuse.config import ReuseConfig
 from kvcomm.reuse.engine import ReuseEngine
 from kvcomm.reuse.relay import Transcript, relay_past
 
-VARIANTS = ("relay", "first", "shift", "oracle@R", "blend@R", "first@R", "attn@R", "attnall@R", "mix@R")
+VARIANTS = ("relay", "first", "shift", "oracle@R", "blend@R", "first@R", "attn@R", "attnall@R", "mix@R", "newest@R")
+
+
+def _with_newest(lm, ids: list[int], spans, past: KVBlock, prev: Transcript, name: str, r: float):
+    """`newest@R`: relay, and the newest reply's KV too, as its producer computed it (after its own closing
+    segment and assistant header), moved to this prompt's positions; the tokens between the relayed prefix and
+    that reply (the "Agent j said:" header) run, with the first tokens of every relayed span (the reply's
+    included) up to a fraction R of the relayed tokens, and the rest of the prompt. Returns (logits, cache, cost)."""
+    _, a, b = next(sp for sp in spans if sp[0] == name)
+    n = len(prev.ids)
+    reply = prev.kv.slice(n - (b - a), n)
+    assert prev.ids[n - (b - a):] == ids[a:b], "the newest reply is not the transcript's"
+    gap = list(range(past.n, a))
+    filler = KVBlock(torch.zeros_like(past.k[:, :, : len(gap)]), torch.zeros_like(past.v[:, :, : len(gap)]))
+    assembled = KVBlock.cat([past, filler, move(lm, reply, a - (prev.start + n - (b - a)))])
+    relayed = reusable_positions(spans, past.n) + [(a, b)]  # the relayed prefix's segments, and the newest reply
+    picks = sorted(set(gap) | set(pick_first(relayed, budget(r, relayed))))
+    lg, cache = recompute(lm, ids, assembled, picks)
+    return lg, cache, len(picks) + len(ids) - b
 
 
 def _variant(name: str, lm, ids: list[int], spans, p0: KVBlock, past: KVBlock, first: int, shift, dense: KVBlock):
@@ -64,6 +85,9 @@ def _variant(name: str, lm, ids: list[int], spans, p0: KVBlock, past: KVBlock, f
         past = KVBlock(past.k, v)
     elif "@" in name:  # recompute the top fraction R of the span, by true value deviation or CacheBlend's layer-1 rule
         kind, r = name.split("@")
+        r, _, flag = r.partition("+")
+        if flag == "replies":  # relay@R+replies: the question's span is neither picked nor counted in R
+            spans = spans[:1] + spans[2:]
         reusable = reusable_positions(spans, past.n)
         if kind == "first":
             return recompute(lm, ids, past, pick_first(reusable, budget(float(r), reusable)))
@@ -118,8 +142,9 @@ def main() -> None:
     ap.add_argument("--out")
     args = ap.parse_args()
     variants = args.variants.split(",")
-    if {v.split("@")[0] + ("@R" if "@" in v else "") for v in variants} - set(VARIANTS) or ("shift" in variants and not args.calib):
-        ap.error(f"--variants takes {', '.join(VARIANTS)}; shift needs --calib")
+    if {v.split("@")[0] + ("@R" if "@" in v else "") for v in variants} - set(VARIANTS) or ("shift" in variants and not args.calib) \
+            or any(v.partition("+")[2] not in ("", "replies") or ("+" in v and "@" not in v) for v in variants):
+        ap.error(f"--variants takes {', '.join(VARIANTS)} (an @R variant may end in +replies); shift needs --calib")
     lm = load_model(args.model, device=args.device)
     wl = load_workload(args.workload, args.items)
     engine = ReuseEngine(lm, "relay", config=ReuseConfig(max_new_tokens=1))
@@ -164,7 +189,14 @@ def main() -> None:
                     top2 = dlg[0, -1].float().topk(2).values
                     margins.setdefault(agent.agent_id, {})[it.id] = float(top2[0] - top2[1])
                 for name in [] if calibrating or agent.agent_id not in measured else variants:
-                    lg, cache = _variant(name, lm, ids, spans, p0, past, args.first, shift.get(agent.agent_id), dense)
+                    if name.startswith("newest@"):  # the prefill it pays, against dense's of the whole prompt
+                        lg, cache, cost = _with_newest(lm, ids, spans, past, prev, f"agent_{min(k, args.agents) - 1}_current",
+                                                       float(name.split("@")[1]))
+                    else:
+                        lg, cache = _variant(name, lm, ids, spans, p0, past, args.first, shift.get(agent.agent_id), dense)
+                        cost = len(ids) - past.n if name == "relay" else None
+                    if cost is not None:
+                        stats[(name, agent.agent_id)].setdefault("prefill", []).append(cost / len(ids))
                     got = cache_to_block(cache, m, m + covered)
                     s = stats[(name, agent.agent_id)]
                     s["calls"] += 1
@@ -192,11 +224,12 @@ def main() -> None:
         out[f"{v}/{a}"] = {"calls": s["calls"], "first_token_equal": s["first_token"] / n, "reply_equal": s["reply"] / n, "answer_equal": s["answer"] / n,
                            "value_err": sum(s["err"]) / n, "value_err_first": sum(s["err_first"]) / n,
                            "value_err_rest": sum(s["err_rest"]) / n, "value_err_per_layer": layers,
-                           "reply_equal_by_item": s["items"]}
+                           "reply_equal_by_item": s["items"],
+                           **({"prefill_vs_dense": sum(s["prefill"]) / n} if s.get("prefill") else {})}
         print(f"{v:6s} {a:9s} value err {out[f'{v}/{a}']['value_err']:.4f} (first {args.first}: "
               f"{out[f'{v}/{a}']['value_err_first']:.4f}, rest {out[f'{v}/{a}']['value_err_rest']:.4f})  "
               f"first token = dense {s['first_token']}/{s['calls']}  reply = dense {s['reply']}/{s['calls']}  "
-              f"answer = dense {s['answer']}/{s['calls']}")
+              f"answer = dense {s['answer']}/{s['calls']}" + (f"  prefill {sum(s['prefill']) / n:.1%} of dense's" if s.get("prefill") else ""))
     for a, rows_a in where.items():
         keys = [k for k in rows_a[0] if k != "by_origin"]
         origins = sorted({o for w in rows_a for o in w["by_origin"]})

@@ -174,8 +174,8 @@ def test_relay_recompute_by_attention(arch):
 
 
 def _third_agent(arch, settings):
-    """The third agent's call (it relays the question and agent 0's reply) under each setting, with its prompt
-    and spans."""
+    """The model, and the third agent's prompt, spans and call (it relays the question and agent 0's reply)
+    under each setting."""
     lm = make_tiny(arch)
     wl = Workload("math", ["you are one", "you are the two of us", "three"], "answer", "judge", math_items(1, 0))
     out = {}
@@ -189,7 +189,7 @@ def _third_agent(arch, settings):
             contents[f"agent_{k}_current"] = res.reply
         out[setting] = res
     ids, spans = runner.templates[(0, 2)].layout({name: c.ids for name, c in contents.items()})
-    return ids, spans, out
+    return lm, ids, spans, out
 
 
 @pytest.mark.parametrize("select", ["first", "attention"])
@@ -198,7 +198,7 @@ def test_relay_replies_spares_the_question(select):
     relayed tokens after it, so the question's KV is relay's bit for bit, and the prefill is relay's + R of the
     rest (+1 for the attention picker's rerun token)."""
     plain, spared = f"relay@0.5:{select}", f"relay@0.5:{select}+replies"
-    ids, spans, out = _third_agent("qwen2", ("relay", plain, spared))
+    _, ids, spans, out = _third_agent("qwen2", ("relay", plain, spared))
     relay = out["relay"]
     start = relay.reply.transcript.start
     covered = len(ids) - start - relay.prefilled_tokens
@@ -220,14 +220,14 @@ def test_relay_newest_reuses_the_producers_reply(arch):
     """`+newest` relays the newest reply as its producer computed it: the third agent prefills only the reply's
     header and the closing segment, and the reply's KV is the producer's, moved. relay@1+newest recomputes all of
     it over the exact p0: dense's KV and reply, at the cost of a prefill past p0."""
-    ids, spans, out = _third_agent(arch, ("relay", "relay+newest", "relay@1+newest"))
+    lm, ids, spans, out = _third_agent(arch, ("relay", "relay+newest", "relay@1+newest"))
     relay, newest, every = out["relay"], out["relay+newest"], out["relay@1+newest"]
     start = relay.reply.transcript.start
     _, a, b = next(sp for sp in spans if sp[0] == "agent_1_current")
     covered = len(ids) - start - relay.prefilled_tokens  # relay's prefix; then the header, the reply, the rest
     assert newest.path == "relay" and newest.prefilled_tokens == relay.prefilled_tokens - (b - a)
     assert a > start + covered  # a header runs between the relayed prefix and the reply
-    _, cache, _ = prefill(make_tiny(arch), ids)
+    _, cache, _ = prefill(lm, ids)
     dense = cache_to_block(cache)
     torch.testing.assert_close(every.reply.transcript.kv.slice(0, len(ids) - start).v, dense.slice(start, len(ids)).v, **TOL)
     assert every.prefilled_tokens == len(ids) - start

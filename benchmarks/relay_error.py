@@ -17,7 +17,9 @@ could do), or by the attention of the closing segment (`relay@R:attention`: its 
 whole rest of the prompt rerun; `mix@R`: half the budget `first`, half attention); any `@R` variant may end in
 `+replies` (`relay@R+replies`: the question's span is neither picked nor counted in R). `newest@R` relays the
 newest reply too, as its producer computed it, and recomputes its header and the first tokens of every relayed span
-(`_with_newest`); it and `relay` also report their prefill against dense's of the same call. Per call also: the gsm answer
+(`_with_newest`); it and `relay` also report their prefill against dense's of the same call. `--chain`: each
+variant reads transcripts it made itself at the calls before (dense's replies run over its own prompt KV), as end to
+end, instead of relay's; without it a variant's error is measured one call at a time and never passed on. Per call also: the gsm answer
 (`Workload.answer_of`) of the reply against dense's (meaningful for the judge with `--full-reply`). Per agent it
 also reports where the error sits (`_where`) and dense's first-token margin per item. Variant `shift` (needs `--calib`):
 the reused span's values plus the mean value difference dense minus relay that the same call (agent position)
@@ -109,6 +111,24 @@ def _variant(name: str, lm, ids: list[int], spans, p0: KVBlock, past: KVBlock, f
     return lg[0, -1], cache
 
 
+def _measure(s: dict, it, lg, cache, n: int, dense: KVBlock, dlg, dense_reply: list[int], budget_k: int, m: int,
+             covered: int, lm, wl, stops, first: int) -> None:
+    """Add one call's comparison with dense to a variant's stats (its `n`-token prompt's last logits `lg` and
+    cache): first token, greedy reply, answer, value errors of the relayed span [m, m + covered)."""
+    got = cache_to_block(cache, m, m + covered)
+    s["calls"] += 1
+    s["first_token"] += int(lg.argmax() == dlg[0, -1].argmax())
+    out = greedy_continue(lm, cache, lg, n, budget_k, stops)
+    tok = lm.tokenizer
+    s["reply"] += int(out == dense_reply)
+    s["answer"] += int(wl.answer_of(it, tok.decode(out)) == wl.answer_of(it, tok.decode(dense_reply)))
+    s["items"][it.id] = out == dense_reply
+    s["err"].append(relative_error(dense.v[1:], got.v[1:]))
+    s["err_first"].append(relative_error(dense.v[1:, :, :first], got.v[1:, :, :first]))
+    s["err_rest"].append(relative_error(dense.v[1:, :, first:], got.v[1:, :, first:]))
+    s["per_layer"].append([relative_error(dense.v[i], got.v[i]) for i in range(got.v.shape[0])])
+
+
 def _where(dense: KVBlock, past: KVBlock, m: int, spans, origin: list[int]) -> dict:
     """Where the reused span's squared value error (layers 1+) sits: the share the most-deviating 10% / 25% of
     its tokens hold, the share the `first` picker's tokens hold at the same budget, and the mean per token by
@@ -138,6 +158,9 @@ def main() -> None:
     ap.add_argument("--full-reply", action="store_true", help="compare whole replies (dense's reply length + 1, or --max-new-tokens if longer) instead")
     ap.add_argument("--calls", help="comma-separated agent ids to measure (default: every call after the first)")
     ap.add_argument("--first", type=int, default=16)
+    ap.add_argument("--chain", action="store_true",
+                    help="each variant reads its own transcripts (dense's replies run over the KV it made at the calls "
+                         "before), as end to end, instead of relay's: the error a variant passes on down the chain")
     ap.add_argument("--device", default=None)
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -168,6 +191,7 @@ def main() -> None:
         q = tok(it.question, add_special_tokens=False)["input_ids"]
         replies: dict[int, list[int]] = {}
         prev: Transcript | None = None
+        prevs: dict[str, Transcript] = {}  # --chain: each variant's own transcript of the call before
         origin: list[int] = []
         for k, (agent, call) in enumerate(zip(templates, calls)):
             contents = {"user_question": q, **{f"agent_{j}_current": replies[j] for j in range(min(k, args.agents))}}
@@ -175,7 +199,7 @@ def main() -> None:
             p0 = engine.template_kv(agent).p0
             m, rest = p0.n, ids[p0.n :]
             past, covered = relay_past(lm, p0, rest, [prev] if prev else [])
-            if covered and (calibrating or agent.agent_id in measured):
+            if covered and (calibrating or agent.agent_id in measured or args.chain):
                 dlg, dcache, _ = prefill(lm, ids)
                 dense = cache_to_block(dcache, m, m + covered)
                 if calibrating:
@@ -188,28 +212,24 @@ def main() -> None:
                     where.setdefault(agent.agent_id, []).append(_where(dense, past, m, spans, origin[:covered]))
                     top2 = dlg[0, -1].float().topk(2).values
                     margins.setdefault(agent.agent_id, {})[it.id] = float(top2[0] - top2[1])
-                for name in [] if calibrating or agent.agent_id not in measured else variants:
-                    if name.startswith("newest@"):  # the prefill it pays, against dense's of the whole prompt
-                        lg, cache, cost = _with_newest(lm, ids, spans, past, prev, f"agent_{min(k, args.agents) - 1}_current",
-                                                       float(name.split("@")[1]))
-                    else:
-                        lg, cache = _variant(name, lm, ids, spans, p0, past, args.first, shift.get(agent.agent_id), dense)
-                        cost = len(ids) - past.n if name == "relay" else None
+            run = [] if calibrating or not covered or (agent.agent_id not in measured and not args.chain) else variants
+            for name in run:
+                src = prevs.get(name, prev) if args.chain else prev
+                vpast = relay_past(lm, p0, rest, [src])[0] if args.chain else past
+                if name.startswith("newest@"):  # the prefill it pays, against dense's of the whole prompt
+                    lg, cache, cost = _with_newest(lm, ids, spans, vpast, src, f"agent_{min(k, args.agents) - 1}_current",
+                                                   float(name.split("@")[1]))
+                else:
+                    lg, cache = _variant(name, lm, ids, spans, p0, vpast, args.first, shift.get(agent.agent_id), dense)
+                    cost = len(ids) - vpast.n if name == "relay" else None
+                if args.chain:  # this variant's transcript: dense's reply run over the prompt KV the variant made
+                    _, ext, _ = prefill(lm, list(call["reply_ids"]), cache_to_block(cache, 0, len(ids)))
+                    prevs[name] = Transcript(rest + list(call["reply_ids"]), cache_to_block(ext, m, len(ids) + len(call["reply_ids"])), m)
+                if agent.agent_id in measured:
                     if cost is not None:
                         stats[(name, agent.agent_id)].setdefault("prefill", []).append(cost / len(ids))
-                    got = cache_to_block(cache, m, m + covered)
-                    s = stats[(name, agent.agent_id)]
-                    s["calls"] += 1
-                    s["first_token"] += int(lg.argmax() == dlg[0, -1].argmax())
-                    out = greedy_continue(lm, cache, lg, len(ids), budget_k, engine.stops)
-                    s["reply"] += int(out == dense_reply)
-                    s["answer"] += int(wl.answer_of(it, tok.decode(out)) == wl.answer_of(it, tok.decode(dense_reply)))
-                    s["items"][it.id] = out == dense_reply
-                    f = args.first
-                    s["err"].append(relative_error(dense.v[1:], got.v[1:]))
-                    s["err_first"].append(relative_error(dense.v[1:, :, :f], got.v[1:, :, :f]))
-                    s["err_rest"].append(relative_error(dense.v[1:, :, f:], got.v[1:, :, f:]))
-                    s["per_layer"].append([relative_error(dense.v[i], got.v[i]) for i in range(got.v.shape[0])])
+                    _measure(stats[(name, agent.agent_id)], it, lg, cache, len(ids), dense, dlg, dense_reply, budget_k, m,
+                             covered, lm, wl, engine.stops, args.first)
             reply = list(call["reply_ids"])
             _, cache, _ = prefill(lm, ids[past.n :] + reply, past)  # this agent's transcript, as relay leaves it
             prev = Transcript(rest + reply, cache_to_block(cache, m, len(ids) + len(reply)), m)

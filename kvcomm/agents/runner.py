@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 from kvcomm.agents.workloads import Item, Workload
 from kvcomm.core.models import LoadedModel
 from kvcomm.reuse.anchors import PoolConfig
-from kvcomm.reuse.config import ReuseConfig, parse_setting
+from kvcomm.reuse.config import DECISION_AGENT, ReuseConfig, parse_setting
 from kvcomm.reuse.engine import CallResult, Content, Engine, ReuseEngine
 from kvcomm.reuse.templates import AgentTemplate
 
@@ -78,7 +78,7 @@ class MultiAgentRunner:
                 body = agent_body(visible(topology, k, n_agents, r), workload.instruction)
                 self.templates[(r, k)] = AgentTemplate.build(tok, f"agent{k}", role, body)
         final_seen = [(j, "current") for j in range(n_agents)]
-        self.decider = AgentTemplate.build(tok, "decision", workload.role(workload.decision_role),
+        self.decider = AgentTemplate.build(tok, DECISION_AGENT, workload.role(workload.decision_role),
                                            agent_body(final_seen, workload.instruction))
 
     def run_item(self, item: Item, request=None, commit: bool = True) -> ItemResult:

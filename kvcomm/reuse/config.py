@@ -12,6 +12,7 @@ from kvcomm.core.quant import PRECISIONS
 from kvcomm.reuse.blend import SELECTORS
 
 MODES = ("dense", "prefix", "relay", "reuse")
+DECISION_AGENT = "decision"  # the agent id of the runner's decision agent (`+decision`)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,12 @@ class ReuseConfig:
                     23.2%; results/agents-relay-newest-qwen0.5b): whole replies drift, and every later agent relays KV
                     already carrying the moved reply's error. Kept to reproduce that; off by default.
                     Not with the `attention` picker (its first pass would run over the header's unfilled KV).
+    recompute_only  with `recompute`, only the calls of the agent of this id recompute; the others run as plain
+                    relay. Setting suffix `+decision` names `DECISION_AGENT`, the runner's decision agent. Beyond both
+                    papers. Why: the decision agent writes the item's answer, and its relayed span is the longest and
+                    the most wrong (gsm, 0.5B, float32: relative value error 0.018 / 0.038 / 0.071 at agent 1 / agent 2 /
+                    judge); at the agents, recompute at R = 0.1 returned no changed answer end to end (items 42 and 93
+                    change at an agent under every picker) but costs prefill on every call.
     kv_precision    precision of the KV one agent hands another (replies' KV, stand-alone contents' base
                     KV, relay's transcripts), as a KV message at that precision would deliver it: None = as computed; fp8/int8/
                     int4 quantized then dequantized (`kvcomm.core.quant`), bf16/fp16/fp32 a cast. The local
@@ -93,6 +100,7 @@ class ReuseConfig:
     value_offsets: bool = True
     spare_question: bool = False
     relay_newest: bool = False
+    recompute_only: str | None = None
     kv_precision: str | None = None
 
     def __post_init__(self):
@@ -109,8 +117,9 @@ class ReuseConfig:
 
 
 FLAGS = {"defer": ("defer_base", True), "partial": ("partial", True), "keysonly": ("value_offsets", False),
-         "replies": ("spare_question", True), "newest": ("relay_newest", True)}  # flag -> (field, value)
-RELAY_FLAGS = ("replies", "newest")  # relay's flags, and relay's alone (+replies only with recompute)
+         "replies": ("spare_question", True), "newest": ("relay_newest", True),
+         "decision": ("recompute_only", DECISION_AGENT)}  # flag -> (field, value)
+RELAY_FLAGS = ("replies", "newest", "decision")  # relay's flags, and relay's alone (+replies, +decision: with recompute)
 NEEDS_OFFSETS = ("partial", "keysonly")  # flags that only mean something with anchors and offsets
 
 
@@ -124,7 +133,7 @@ def parse_setting(setting: str, base: ReuseConfig = ReuseConfig()) -> tuple[str,
     the last three optionally followed by `+defer` (`ReuseConfig.defer_base`), reuse and blend also by
     `+partial` (`ReuseConfig.partial`) and `+keysonly` (`ReuseConfig.value_offsets=False`), in any order;
     relay and relay@R by `+newest` (`ReuseConfig.relay_newest`), relay@R with R > 0 also by `+replies`
-    (`ReuseConfig.spare_question`).
+    (`ReuseConfig.spare_question`) and `+decision` (`ReuseConfig.recompute_only`).
 
     `blend@0.15` is the paper's reuse plus recompute of 15% of the reused tokens (picked by layer-1
     value deviation unless `:offset` or `:first` says otherwise); `cacheblend@0.15` the same without
@@ -137,12 +146,13 @@ def parse_setting(setting: str, base: ReuseConfig = ReuseConfig()) -> tuple[str,
         raise ValueError(f"unknown setting {setting!r}: use dense, prefix, relay, relay@R[:select], reuse, blend@R[:select] or "
                          f"cacheblend@R[:select] with 0 <= R <= 1 and select in {', '.join(REUSE_SELECTORS)} ({', '.join(RELAY_SELECTORS)} for "
                          f"relay); reuse, blend and cacheblend may end in +defer, "
-                         f"reuse and blend in +partial and +keysonly, relay in +newest, relay@R (R > 0) also in +replies")
+                         f"reuse and blend in +partial and +keysonly, relay in +newest, relay@R (R > 0) also in +replies "
+                         f"and +decision")
     return mode, replace(config, **dict(FLAGS[f] for f in flags))
 
 
 def _flags_of(mode: str, config: ReuseConfig) -> tuple[str, ...]:
-    """The setting flags `mode` takes: reuse's, relay's (+replies only with recompute: nothing to spare without it)."""
+    """The setting flags `mode` takes: reuse's, relay's (+replies and +decision only with recompute to steer)."""
     if mode == "reuse":
         return tuple(f for f in FLAGS if f not in RELAY_FLAGS)
     if mode == "relay":

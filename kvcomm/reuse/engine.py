@@ -27,7 +27,7 @@ paper), blend@R[:select] (offsets + recompute of a fraction R), cacheblend@R[:se
 without offsets), relay@R[:select] (relay + recompute of a fraction R); a trailing `+defer` on reuse,
 blend or cacheblend sets `defer_base`, `+partial` on reuse or blend sets `partial`, `+keysonly` on reuse
 or blend clears `value_offsets` (in any order), `+replies` on relay@R sets `spare_question`, `+newest` on relay
-sets `relay_newest`.
+sets `relay_newest`, `+decision` on relay@R sets `recompute_only` to the decision agent.
 
 Timing: TTFT is measured from the start of the call to the first token's logits, including base-KV
 prefills, anchor matching and cache assembly. Template KV is precomputed when an agent template is
@@ -116,8 +116,8 @@ class ReuseEngine:
             raise ValueError("relay adds no offsets to rank tokens by: select first, deviation or attention")
         if mode == "reuse" and config.recompute > 0 and config.select == "attention":
             raise ValueError("the attention picker is relay's (relay@R:attention): select deviation, offset or first")
-        if mode != "relay" and (config.spare_question or config.relay_newest):
-            raise ValueError("spare_question (+replies) and relay_newest (+newest) are relay's options")
+        if mode != "relay" and (config.spare_question or config.relay_newest or config.recompute_only):
+            raise ValueError("spare_question (+replies), relay_newest (+newest) and recompute_only (+decision) are relay's options")
         if config.relay_newest and config.recompute > 0 and config.select == "attention":
             raise ValueError("relay+newest with the attention picker: its first pass would run over the newest reply's "
                              "header before it is computed; select first or deviation")
@@ -195,7 +195,7 @@ class ReuseEngine:
             logits, cache, prefilled = self._prefix_call(agent, ids)
             path = "prefix"
         elif self.mode == "relay":
-            logits, cache, path, prefilled = self._relay_call(tkv, ids, spans, contents)
+            logits, cache, path, prefilled = self._relay_call(agent, tkv, ids, spans, contents)
         else:
             logits, cache, path, prefilled, used = self._reuse_call(agent, tkv, ids, spans, contents, request)
         sync(lm.device)
@@ -218,7 +218,7 @@ class ReuseEngine:
                           len(ids), prefilled, {k: m.entropy for k, m in used.items()},
                           distances={k: m.distance for k, m in used.items() if m.distance is not None})
 
-    def _relay_call(self, tkv: TemplateKV, ids, spans, contents):
+    def _relay_call(self, agent: AgentTemplate, tkv: TemplateKV, ids, spans, contents):
         """Relay (`kvcomm.reuse.relay`), then recompute of `config.recompute` of the relayed tokens:
         the picked ones and the rest of the prompt run in one forward over the relayed KV. With the
         `attention` picker the rest runs first, its closing segment's attention picks, and the picks and
@@ -230,7 +230,8 @@ class ReuseEngine:
         if covered and cfg.relay_newest:
             past, header = with_newest_reply(lm, ids, spans, past, transcripts)
         picked, extra, over = [], 0.0, past
-        if covered and cfg.recompute > 0:  # +replies: the question's span left out; +newest: the header
+        steered = cfg.recompute_only is None or agent.agent_id == cfg.recompute_only  # +decision: its calls only
+        if covered and cfg.recompute > 0 and steered:  # +replies: the question's span left out; +newest: the header
             pickable = spans[:1] + spans[2:] if cfg.spare_question else spans
             picked, extra, over = choose(lm, cfg.select, cfg.recompute, ids, _without(pickable, header), past, None)
         picked = sorted(set(picked) | set(header))

@@ -33,12 +33,14 @@ def test_settings():
     assert parse_setting("relay@0.1:attention+replies") == ("relay", ReuseConfig(recompute=0.1, select="attention",
                                                                                   spare_question=True))
     assert parse_setting("relay+newest") == ("relay", ReuseConfig(relay_newest=True))
+    assert parse_setting("relay@0.1:attention+decision") == ("relay", ReuseConfig(recompute=0.1, select="attention",
+                                                                                   recompute_only="decision"))
     assert parse_setting("relay@0.3+newest") == ("relay", ReuseConfig(recompute=0.3, select="first", relay_newest=True))
     with pytest.raises(ValueError, match="attention picker"):
         ReuseEngine(make_tiny("llama"), "relay", config=parse_setting("relay@0.3:attention+newest")[1])
     for bad in ("relay+defer", "relay+partial", "relay@0.1+defer", "relay@0.1:offset", "relay@1.5", "relay@x",
                 "blend@0.1:attention", "cacheblend@0.1:attention", "relay+replies", "relay@0+replies",
-                "blend@0.1+replies", "reuse+replies", "relay@0.1+replies+replies", "reuse+newest", "blend@0.1+newest"):
+                "blend@0.1+replies", "reuse+replies", "relay@0.1+replies+replies", "reuse+newest", "blend@0.1+newest", "relay+decision", "blend@0.1+decision"):
         with pytest.raises(ValueError, match="unknown setting"):
             parse_setting(bad)
     assert common_prefix([1, 2, 3, 4], [1, 2, 3, 5], 9) == 3
@@ -256,6 +258,23 @@ def test_with_newest_reply_moves_the_producers_kv():
     other = ids[:8] + [40, 41, 42, 43, 44, 45] + ids[14:]
     assert with_newest_reply(lm, other, spans, past, [producer])[1] == []
     assert isinstance(out, KVBlock)
+
+
+def test_relay_decision_recomputes_only_at_the_decision_agent():
+    """`+decision` recomputes only in the decision agent's calls: the agents' calls are relay's token for token
+    (replies and prefill), the decision agent's prefills its picks on top."""
+    lm = make_tiny("qwen2")
+    wl = Workload("math", ["you are one", "you are the two of us"], "answer", "judge", math_items(2, 0))
+    out = _runs(lm, wl, ("relay", "relay@0.5", "relay@0.5+decision"), agents=2)
+    relay, every, decision = out["relay"], out["relay@0.5"], out["relay@0.5+decision"]
+    agents = [i for i, c in enumerate(relay) if c["agent"] != "decision"]
+    assert len(agents) == 4 and len(relay) == 6
+    for i in agents:
+        assert decision[i]["reply_ids"] == relay[i]["reply_ids"]
+        assert decision[i]["prefilled_tokens"] == relay[i]["prefilled_tokens"]
+    for i in set(range(len(relay))) - set(agents):
+        assert decision[i]["prefilled_tokens"] > relay[i]["prefilled_tokens"]
+    assert any(every[i]["prefilled_tokens"] > relay[i]["prefilled_tokens"] for i in agents if relay[i]["path"] == "relay")
 
 
 def test_attention_pick_takes_the_most_read_tokens():

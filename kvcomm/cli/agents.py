@@ -56,7 +56,8 @@ def add_parser(sub) -> None:
                         "placeholders that pass the entropy test and recompute only the others (instead of a dense "
                         "prefill of the whole prompt); append +keysonly to reuse/blend to add a reused placeholder's key offsets "
                         "but not its value offsets; append +newest to relay (relay the newest reply too) or +replies to "
-                        "relay@R (spare the question from recompute): both measured worse, kept to reproduce; "
+                        "relay@R (spare the question from recompute): both measured worse, kept to reproduce; append "
+                        "+decision to relay@R to recompute only in the decision agent's calls; "
                         "e.g. reuse+partial+defer")
     p.add_argument("--limit", type=positive_int, default=10,
                    help="workload items (default 10; coding has 164: a larger --limit takes them all)")

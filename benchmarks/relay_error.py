@@ -37,7 +37,7 @@ import torch
 from kvcomm.agents.runner import MultiAgentRunner
 from kvcomm.agents.workloads import load_workload
 from kvcomm.core.generation import greedy_continue
-from kvcomm.core.kv import KVBlock, cache_to_block, move, prefill
+from kvcomm.core.kv import KVBlock, cache_to_block, prefill
 from kvcomm.core.models import load_model
 from kvcomm.core.quant import relative_error
 from kvcomm.reuse.blend import (
@@ -51,27 +51,20 @@ from kvcomm.reuse.blend import (
 )
 from kvcomm.reuse.config import ReuseConfig
 from kvcomm.reuse.engine import ReuseEngine
-from kvcomm.reuse.relay import Transcript, relay_past
+from kvcomm.reuse.relay import Transcript, relay_past, with_newest_reply
 
 VARIANTS = ("relay", "first", "shift", "oracle@R", "blend@R", "first@R", "attn@R", "attnall@R", "mix@R", "newest@R")
 
 
-def _with_newest(lm, ids: list[int], spans, past: KVBlock, prev: Transcript, name: str, r: float):
-    """`newest@R`: relay, and the newest reply's KV too, as its producer computed it (after its own closing
-    segment and assistant header), moved to this prompt's positions; the tokens between the relayed prefix and
-    that reply (the "Agent j said:" header) run, with the first tokens of every relayed span (the reply's
-    included) up to a fraction R of the relayed tokens, and the rest of the prompt. Returns (logits, cache, cost)."""
-    _, a, b = next(sp for sp in spans if sp[0] == name)
-    n = len(prev.ids)
-    reply = prev.kv.slice(n - (b - a), n)
-    assert prev.ids[n - (b - a):] == ids[a:b], "the newest reply is not the transcript's"
-    gap = list(range(past.n, a))
-    filler = KVBlock(torch.zeros_like(past.k[:, :, : len(gap)]), torch.zeros_like(past.v[:, :, : len(gap)]))
-    assembled = KVBlock.cat([past, filler, move(lm, reply, a - (prev.start + n - (b - a)))])
-    relayed = reusable_positions(spans, past.n) + [(a, b)]  # the relayed prefix's segments, and the newest reply
-    picks = sorted(set(gap) | set(pick_first(relayed, budget(r, relayed))))
+def _with_newest(lm, ids: list[int], spans, past: KVBlock, prev: Transcript, r: float):
+    """`newest@R` (`relay@R+newest`): relay, and the newest reply's KV too as its producer computed it
+    (`with_newest_reply`); its header runs, with the first tokens of every relayed span (the reply's included) up to
+    a fraction R of the relayed tokens, and the rest of the prompt. Returns (logits, cache, tokens prefilled)."""
+    assembled, header = with_newest_reply(lm, ids, spans, past, [prev])
+    relayed = reusable_positions(spans, past.n) + [(a, b) for a, b in reusable_positions(spans, assembled.n) if a >= past.n + len(header)]
+    picks = sorted(set(header) | set(pick_first(relayed, budget(r, relayed))))
     lg, cache = recompute(lm, ids, assembled, picks)
-    return lg, cache, len(picks) + len(ids) - b
+    return lg, cache, len(picks) + len(ids) - assembled.n
 
 
 def _variant(name: str, lm, ids: list[int], spans, p0: KVBlock, past: KVBlock, first: int, shift, dense: KVBlock):
@@ -166,8 +159,8 @@ def main() -> None:
     args = ap.parse_args()
     variants = args.variants.split(",")
     if {v.split("@")[0] + ("@R" if "@" in v else "") for v in variants} - set(VARIANTS) or ("shift" in variants and not args.calib) \
-            or any(v.partition("+")[2] not in ("", "replies") or ("+" in v and "@" not in v) for v in variants):
-        ap.error(f"--variants takes {', '.join(VARIANTS)} (an @R variant may end in +replies); shift needs --calib")
+            or any(v.partition("+")[2] not in ("", "replies") or ("+" in v and ("@" not in v or v.startswith("newest"))) for v in variants):
+        ap.error(f"--variants takes {', '.join(VARIANTS)} (an @R variant but newest@R may end in +replies); shift needs --calib")
     lm = load_model(args.model, device=args.device)
     wl = load_workload(args.workload, args.items)
     engine = ReuseEngine(lm, "relay", config=ReuseConfig(max_new_tokens=1))
@@ -217,8 +210,7 @@ def main() -> None:
                 src = prevs.get(name, prev) if args.chain else prev
                 vpast = relay_past(lm, p0, rest, [src])[0] if args.chain else past
                 if name.startswith("newest@"):  # the prefill it pays, against dense's of the whole prompt
-                    lg, cache, cost = _with_newest(lm, ids, spans, vpast, src, f"agent_{min(k, args.agents) - 1}_current",
-                                                   float(name.split("@")[1]))
+                    lg, cache, cost = _with_newest(lm, ids, spans, vpast, src, float(name.split("@")[1]))
                 else:
                     lg, cache = _variant(name, lm, ids, spans, p0, vpast, args.first, shift.get(agent.agent_id), dense)
                     cost = len(ids) - vpast.n if name == "relay" else None

@@ -84,6 +84,9 @@ def bench_reuse(lm, n_agents: int, prefix: int, user: int, reply: int, anchors: 
     out = {}
     for setting in modes:
         mode, config = parse_setting(setting, ONE_TOKEN)
+        if config.recompute_only:  # its agents are agent0..N-1: nothing would recompute, silently relay's numbers
+            raise ValueError(f"{setting}: the benchmark's agents have no decision agent to recompute at; "
+                             f"time relay@R instead (the decision agent's call costs what relay@R's last one does)")
         pool = AnchorPool(max_anchors=max(anchors, 1), byte_budget=1 << 40, gamma=1.0)
         engine = ReuseEngine(lm, mode, pool=MissingAnchors(pool, missing) if missing else pool, config=config)
         warm = ReuseEngine(lm, mode, pool=pool, config=config, force_new_anchors=True) if mode == "reuse" else engine

@@ -3,6 +3,8 @@ with every placeholder matching and with the newest one failing the entropy test
 
 from __future__ import annotations
 
+import pytest
+
 from kvcomm.experiments.bench import bench_reuse
 
 USER, REPLY, SEGMENT = 12, 10, 8  # question and reply lengths here; bench_models.agent_templates' segments
@@ -44,6 +46,12 @@ def test_relay_prefills_the_newest_reply_and_the_segments_around_it(tiny):
     for k in (1, 2):
         relayed = relay[k]["prompt_tokens"] - 16 - relay[k]["prefilled_tokens"]  # 16: the first segment
         assert half[k]["prefilled_tokens"] == relay[k]["prefilled_tokens"] + -(-relayed // 2)
+
+
+def test_relay_decision_is_refused_where_no_agent_decides(tiny):
+    """The benchmark's agents are agent0..N-1: `+decision` would recompute nowhere and time plain relay."""
+    with pytest.raises(ValueError, match="no decision agent"):
+        _run(tiny, ("relay@0.1+decision",), missing=0)
 
 
 def test_a_reuse_only_run_writes_json_and_plot_with_the_failing_placeholders(tmp_path):

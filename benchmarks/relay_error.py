@@ -48,6 +48,7 @@ from kvcomm.reuse.blend import (
     pick_top,
     recompute,
     reusable_positions,
+    spans_without,
 )
 from kvcomm.reuse.config import ReuseConfig
 from kvcomm.reuse.engine import ReuseEngine
@@ -61,7 +62,7 @@ def _with_newest(lm, ids: list[int], spans, past: KVBlock, prev: Transcript, r: 
     (`with_newest_reply`); its header runs, with the first tokens of every relayed span (the reply's included) up to
     a fraction R of the relayed tokens, and the rest of the prompt. Returns (logits, cache, tokens prefilled)."""
     assembled, header = with_newest_reply(lm, ids, spans, past, [prev])
-    relayed = reusable_positions(spans, past.n) + [(a, b) for a, b in reusable_positions(spans, assembled.n) if a >= past.n + len(header)]
+    relayed = reusable_positions(spans_without(spans, header), assembled.n)  # as the engine's picks see it
     picks = sorted(set(header) | set(pick_first(relayed, budget(r, relayed))))
     lg, cache = recompute(lm, ids, assembled, picks)
     return lg, cache, len(picks) + len(ids) - assembled.n

@@ -49,6 +49,18 @@ def reusable_positions(spans, tail: int) -> list[tuple[int, int]]:
     return out
 
 
+def spans_without(spans, positions: list[int]):
+    """`spans` with the contiguous run `positions` cut out (a span it splits keeps both sides, same name): what a
+    picker may choose when those positions are recomputed anyway (relay+newest's header)."""
+    if not positions:
+        return spans
+    lo, hi = positions[0], positions[-1] + 1
+    out = []
+    for name, a, b in spans:
+        out += [(name, x, y) for x, y in ((a, min(b, lo)), (max(a, hi), b)) if y > x]
+    return out
+
+
 def budget(fraction: float, spans: list[tuple[int, int]]) -> int:
     total = sum(b - a for a, b in spans)
     return min(total, math.ceil(fraction * total - 1e-9)) if fraction > 0 else 0

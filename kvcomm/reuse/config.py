@@ -80,8 +80,9 @@ class ReuseConfig:
                     relay. Setting suffix `+decision` names `DECISION_AGENT`, the runner's decision agent. Beyond both
                     papers. Why: the decision agent writes the item's answer, and its relayed span is the longest and
                     the most wrong (gsm, 0.5B, float32: relative value error 0.018 / 0.038 / 0.071 at agent 1 / agent 2 /
-                    judge); at the agents, recompute at R = 0.1 returned no changed answer end to end (items 42 and 93
-                    change at an agent under every picker) but costs prefill on every call.
+                    judge); at the agents, recompute at R = 0.1 returned no changed answer end to end on 3 agents
+                    (items 42 and 93 change at an agent under every picker; on 5 agents it returned item 40, agent 3's)
+                    but costs prefill on every call. The agents keep relay's changes.
     kv_precision    precision of the KV one agent hands another (replies' KV, stand-alone contents' base
                     KV, relay's transcripts), as a KV message at that precision would deliver it: None = as computed; fp8/int8/
                     int4 quantized then dequantized (`kvcomm.core.quant`), bf16/fp16/fp32 a cast. The local

@@ -48,7 +48,7 @@ from kvcomm.core.kv import KVBlock, cache_to_block, move, prefill
 from kvcomm.core.models import LoadedModel
 from kvcomm.reuse.anchors import AgentDelta, AnchorPool, KVPool, content_key, pack, unpacked
 from kvcomm.reuse.assembly import assemble
-from kvcomm.reuse.blend import choose, recompute
+from kvcomm.reuse.blend import choose, recompute, spans_without
 from kvcomm.reuse.config import MODES, ReuseConfig
 from kvcomm.reuse.relay import Transcript, common_prefix, relay_past, with_newest_reply
 from kvcomm.reuse.templates import AgentTemplate, shared_head_ids
@@ -233,7 +233,7 @@ class ReuseEngine:
         steered = cfg.recompute_only is None or agent.agent_id == cfg.recompute_only  # +decision: its calls only
         if covered and cfg.recompute > 0 and steered:  # +replies: the question's span left out; +newest: the header
             pickable = spans[:1] + spans[2:] if cfg.spare_question else spans
-            picked, extra, over = choose(lm, cfg.select, cfg.recompute, ids, _without(pickable, header), past, None)
+            picked, extra, over = choose(lm, cfg.select, cfg.recompute, ids, spans_without(pickable, header), past, None)
         picked = sorted(set(picked) | set(header))
         logits, cache = recompute(lm, ids, over, picked)
         return logits, cache, "relay" if covered else "prefix", len(ids) - past.n + len(picked) + round(extra)
@@ -343,17 +343,6 @@ class ReuseEngine:
             dseg = move(self.lm, real.slice(sa, sb), -sa) - tkv.segments[i]
             self.pool.stage(request, name, content_key(contents[name].ids), bases[name], agent_key,
                             AgentDelta(_zero_layer0(dphi), _zero_layer0(dseg)))
-
-
-def _without(spans, positions: list[int]):
-    """`spans` with the contiguous run `positions` cut out (a span it splits keeps both sides, same name)."""
-    if not positions:
-        return spans
-    lo, hi = positions[0], positions[-1] + 1
-    out = []
-    for name, a, b in spans:
-        out += [(name, x, y) for x, y in ((a, min(b, lo)), (max(a, hi), b)) if y > x]
-    return out
 
 
 def _failed_positions(agent: AgentTemplate, spans, failed: list[str], tail: int) -> list[int]:

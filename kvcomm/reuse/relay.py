@@ -38,7 +38,6 @@ agents run in one process (the Ray backend does not ship transcripts). Memory: e
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from kvcomm.core.kv import KVBlock, move
@@ -92,7 +91,7 @@ def with_newest_reply(lm, ids: list[int], spans, past: KVBlock, transcripts: lis
     zeros here: the caller recomputes them (they are picked, so their stale copy is masked). No such reply:
     (`past`, [])."""
     for name, a, b in spans:
-        if a < past.n or re.fullmatch(r"p\d+", name) or b == a:
+        if a < past.n or name.startswith("p") or b == a:  # template segments are p<i>; no placeholder starts so
             continue
         for t in transcripts:
             n, m = len(t.ids), b - a

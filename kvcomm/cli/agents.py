@@ -57,7 +57,9 @@ def add_parser(sub) -> None:
                         "prefill of the whole prompt); append +keysonly to reuse/blend to add a reused placeholder's key offsets "
                         "but not its value offsets; append +newest to relay (relay the newest reply too) or +replies to "
                         "relay@R (spare the question from recompute): both measured worse, kept to reproduce; append "
-                        "+decision to relay@R to recompute only in the decision agent's calls; "
+                        "+decision to relay@R to recompute only in the decision agent's calls, +capB (0 < B <= 1) to "
+                        "cap each call's prefill at B of its prompt (e.g. relay@1:attention+cap0.27: recompute what relay "
+                        "leaves of 27%%); "
                         "e.g. reuse+partial+defer")
     p.add_argument("--limit", type=positive_int, default=10,
                    help="workload items (default 10; coding has 164: a larger --limit takes them all)")

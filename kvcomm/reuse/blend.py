@@ -193,14 +193,18 @@ def masked_recompute(lm, ids: list[int], assembled: KVBlock, picked: list[int]):
 
 
 def choose(lm, select: str, fraction: float, ids: list[int], spans, assembled: KVBlock,
-           value_offsets: torch.Tensor | None) -> tuple[list[int], float, KVBlock]:
+           value_offsets: torch.Tensor | None, limit: int | None = None) -> tuple[list[int], float, KVBlock]:
     """(picked positions, extra prefill cost in token-equivalents, the KV to `recompute` over) for one reused
     call. The KV is `assembled`, except under `attention`, which first runs the prompt's rest over it and
-    returns that run's KV of all but the last token (`attention_pick`; its window is the last segment)."""
+    returns that run's KV of all but the last token (`attention_pick`; its window is the last segment).
+    `limit` caps picks plus the picker's own extra cost (in tokens); none fit: no picks, no extra cost."""
     if select not in SELECTORS:
         raise ValueError(f"select must be one of {SELECTORS}, got {select!r}")
     reusable = reusable_positions(spans, assembled.n)
     k = budget(fraction, reusable)
+    if limit is not None:
+        overhead = {"attention": 1, "deviation": math.ceil(assembled.n / lm.model.config.num_hidden_layers)}
+        k = max(0, min(k, limit - overhead.get(select, 0)))
     if k == 0:
         return [], 0.0, assembled
     if select == "first":

@@ -86,6 +86,16 @@ class ReuseConfig:
                     `relay@0.1:attention+decision`): gsm 3 agents 95% of dense's answers at 27.1% of its prefill,
                     HumanEval 164/164 at 28.8%, 5 agents 92% (results/agents-relay-decision-qwen0.5b); on 1.5B the
                     agents' changes dominate and `relay@0.1:attention` does better.
+    prefill_cap     relay with recompute (setting suffix `+capB`): each call prefills at most B x its prompt's tokens
+                    (what dense prefills for it): the picks, and the picker's own cost, take what relay's prefill
+                    leaves, up to R's count; none where relay alone spends more. Beyond both papers. Why: R = 0.1
+                    everywhere buys too little where it matters and too much where it does not; the answers relay
+                    changes are near-ties, mostly where the replies are short ("Answer: 108"), so relay's own prefill
+                    is small and a cap leaves room to recompute the whole relayed span (R = 1: dense's KV), while calls
+                    after long replies get few picks. Read off relay's rows (0.5B, float32; `benchmarks/
+                    recompute_cost.py ROWS --agents-r 1 --decision-r 1 --rerun 1 --cap 0.27`): 29.1% / 28.3% / 29.7% of
+                    dense's prefill on gsm 3 agents / 5 agents / HumanEval, and R = 1 at every call where relay's
+                    changed answers start but one (gsm 5 agents, item 47's judge: 0.85). Not run end to end yet.
     kv_precision    precision of the KV one agent hands another (replies' KV, stand-alone contents' base
                     KV, relay's transcripts), as a KV message at that precision would deliver it: None = as computed; fp8/int8/
                     int4 quantized then dequantized (`kvcomm.core.quant`), bf16/fp16/fp32 a cast. The local
@@ -105,11 +115,14 @@ class ReuseConfig:
     spare_question: bool = False
     relay_newest: bool = False
     recompute_only: str | None = None
+    prefill_cap: float | None = None
     kv_precision: str | None = None
 
     def __post_init__(self):
         if not 0.0 <= self.recompute <= 1.0:
             raise ValueError(f"recompute must be a fraction in [0, 1], got {self.recompute}")
+        if self.prefill_cap is not None and not 0.0 < self.prefill_cap <= 1.0:
+            raise ValueError(f"prefill_cap must be None or a fraction in (0, 1], got {self.prefill_cap}")
         if self.select not in SELECTORS:
             raise ValueError(f"select must be one of {SELECTORS}, got {self.select!r}")
         if self.kv_precision is not None and self.kv_precision not in PRECISIONS:
@@ -123,7 +136,8 @@ class ReuseConfig:
 FLAGS = {"defer": ("defer_base", True), "partial": ("partial", True), "keysonly": ("value_offsets", False),
          "replies": ("spare_question", True), "newest": ("relay_newest", True),
          "decision": ("recompute_only", DECISION_AGENT)}  # flag -> (field, value)
-RELAY_FLAGS = ("replies", "newest", "decision")  # relay's flags, and relay's alone (+replies, +decision: with recompute)
+CAP = "cap"  # the one flag with a value: +cap0.27 sets prefill_cap
+RELAY_FLAGS = ("replies", "newest", "decision", CAP)  # relay's alone (all but +newest: with recompute)
 NEEDS_OFFSETS = ("partial", "keysonly")  # flags that only mean something with anchors and offsets
 
 
@@ -137,7 +151,8 @@ def parse_setting(setting: str, base: ReuseConfig = ReuseConfig()) -> tuple[str,
     the last three optionally followed by `+defer` (`ReuseConfig.defer_base`), reuse and blend also by
     `+partial` (`ReuseConfig.partial`) and `+keysonly` (`ReuseConfig.value_offsets=False`), in any order;
     relay and relay@R by `+newest` (`ReuseConfig.relay_newest`), relay@R with R > 0 also by `+replies`
-    (`ReuseConfig.spare_question`) and `+decision` (`ReuseConfig.recompute_only`).
+    (`ReuseConfig.spare_question`), `+decision` (`ReuseConfig.recompute_only`) and `+capB`
+    (`ReuseConfig.prefill_cap`, 0 < B <= 1).
 
     `blend@0.15` is the paper's reuse plus recompute of 15% of the reused tokens (picked by layer-1
     value deviation unless `:offset` or `:first` says otherwise); `cacheblend@0.15` the same without
@@ -145,18 +160,30 @@ def parse_setting(setting: str, base: ReuseConfig = ReuseConfig()) -> tuple[str,
     each relayed segment unless `:deviation` says otherwise (`kvcomm.reuse.relay`)."""
     head, *flags = setting.split("+")
     mode, config = _parse_base(head, base)
-    if mode is None or len(set(flags)) < len(flags) or any(f not in _flags_of(mode, config) for f in flags) \
-            or (not config.offsets and any(f in NEEDS_OFFSETS for f in flags)):
+    cap = [_cap_of(f) for f in flags if f.startswith(CAP)]
+    names = [CAP if f.startswith(CAP) else f for f in flags]
+    if mode is None or len(set(names)) < len(names) or any(f not in _flags_of(mode, config) for f in names) \
+            or (not config.offsets and any(f in NEEDS_OFFSETS for f in flags)) or None in cap:
         raise ValueError(f"unknown setting {setting!r}: use dense, prefix, relay, relay@R[:select], reuse, blend@R[:select] or "
                          f"cacheblend@R[:select] with 0 <= R <= 1 and select in {', '.join(REUSE_SELECTORS)} ({', '.join(RELAY_SELECTORS)} for "
                          f"relay); reuse, blend and cacheblend may end in +defer, "
                          f"reuse and blend in +partial and +keysonly, relay in +newest, relay@R (R > 0) also in +replies "
-                         f"and +decision")
-    return mode, replace(config, **dict(FLAGS[f] for f in flags))
+                         f", +decision and +capB (0 < B <= 1)")
+    fields = dict(FLAGS[f] for f in flags if f in FLAGS)
+    return mode, replace(config, **fields, **({"prefill_cap": cap[0]} if cap else {}))
+
+
+def _cap_of(flag: str) -> float | None:
+    """B of a `+capB` flag, None unless 0 < B <= 1."""
+    try:
+        b = float(flag[len(CAP) :])
+    except ValueError:
+        return None
+    return b if 0.0 < b <= 1.0 else None
 
 
 def _flags_of(mode: str, config: ReuseConfig) -> tuple[str, ...]:
-    """The setting flags `mode` takes: reuse's, relay's (+replies and +decision only with recompute to steer)."""
+    """The setting flags `mode` takes: reuse's, relay's (all but +newest only with recompute to steer)."""
     if mode == "reuse":
         return tuple(f for f in FLAGS if f not in RELAY_FLAGS)
     if mode == "relay":

@@ -27,7 +27,8 @@ paper), blend@R[:select] (offsets + recompute of a fraction R), cacheblend@R[:se
 without offsets), relay@R[:select] (relay + recompute of a fraction R); a trailing `+defer` on reuse,
 blend or cacheblend sets `defer_base`, `+partial` on reuse or blend sets `partial`, `+keysonly` on reuse
 or blend clears `value_offsets` (in any order), `+replies` on relay@R sets `spare_question`, `+newest` on relay
-sets `relay_newest`, `+decision` on relay@R sets `recompute_only` to the decision agent.
+sets `relay_newest`, `+decision` on relay@R sets `recompute_only` to the decision agent, `+capB` on relay@R
+`prefill_cap`.
 
 Timing: TTFT is measured from the start of the call to the first token's logits, including base-KV
 prefills, anchor matching and cache assembly. Template KV is precomputed when an agent template is
@@ -36,6 +37,7 @@ first seen (outside the timed region), as the paper does.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -116,8 +118,10 @@ class ReuseEngine:
             raise ValueError("relay adds no offsets to rank tokens by: select first, deviation or attention")
         if mode == "reuse" and config.recompute > 0 and config.select == "attention":
             raise ValueError("the attention picker is relay's (relay@R:attention): select deviation, offset or first")
-        if mode != "relay" and (config.spare_question or config.relay_newest or config.recompute_only):
-            raise ValueError("spare_question (+replies), relay_newest (+newest) and recompute_only (+decision) are relay's options")
+        if mode != "relay" and (config.spare_question or config.relay_newest or config.recompute_only
+                                or config.prefill_cap is not None):
+            raise ValueError("spare_question (+replies), relay_newest (+newest), recompute_only (+decision) and "
+                             "prefill_cap (+cap) are relay's options")
         if config.relay_newest and config.recompute > 0 and config.select == "attention":
             raise ValueError("relay+newest with the attention picker: its first pass would run over the newest reply's "
                              "header before it is computed; select first or deviation")
@@ -233,7 +237,10 @@ class ReuseEngine:
         steered = cfg.recompute_only is None or agent.agent_id == cfg.recompute_only  # +decision: its calls only
         if covered and cfg.recompute > 0 and steered:  # +replies: the question's span left out; +newest: the header
             pickable = spans[:1] + spans[2:] if cfg.spare_question else spans
-            picked, extra, over = choose(lm, cfg.select, cfg.recompute, ids, spans_without(pickable, header), past, None)
+            limit = None if cfg.prefill_cap is None else \
+                math.floor(cfg.prefill_cap * len(ids)) - (len(ids) - past.n) - len(header)  # +cap: what relay left
+            picked, extra, over = choose(lm, cfg.select, cfg.recompute, ids, spans_without(pickable, header), past, None,
+                                         limit)
         picked = sorted(set(picked) | set(header))
         logits, cache = recompute(lm, ids, over, picked)
         return logits, cache, "relay" if covered else "prefix", len(ids) - past.n + len(picked) + round(extra)

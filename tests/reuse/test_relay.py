@@ -36,11 +36,15 @@ def test_settings():
     assert parse_setting("relay@0.1:attention+decision") == ("relay", ReuseConfig(recompute=0.1, select="attention",
                                                                                    recompute_only="decision"))
     assert parse_setting("relay@0.3+newest") == ("relay", ReuseConfig(recompute=0.3, select="first", relay_newest=True))
+    assert parse_setting("relay@1:attention+cap0.27") == ("relay", ReuseConfig(recompute=1.0, select="attention",
+                                                                               prefill_cap=0.27))
     with pytest.raises(ValueError, match="attention picker"):
         ReuseEngine(make_tiny("llama"), "relay", config=parse_setting("relay@0.3:attention+newest")[1])
     for bad in ("relay+defer", "relay+partial", "relay@0.1+defer", "relay@0.1:offset", "relay@1.5", "relay@x",
                 "blend@0.1:attention", "cacheblend@0.1:attention", "relay+replies", "relay@0+replies",
-                "blend@0.1+replies", "reuse+replies", "relay@0.1+replies+replies", "reuse+newest", "blend@0.1+newest", "relay+decision", "blend@0.1+decision"):
+                "blend@0.1+replies", "reuse+replies", "relay@0.1+replies+replies", "reuse+newest", "blend@0.1+newest", "relay+decision", "blend@0.1+decision",
+                "relay+cap0.3", "relay@0.5+cap0", "relay@0.5+cap1.5", "relay@0.5+capx", "relay@0.5+cap",
+                "relay@0.5+cap0.2+cap0.3", "reuse+cap0.3", "blend@0.1+cap0.3"):
         with pytest.raises(ValueError, match="unknown setting"):
             parse_setting(bad)
     assert common_prefix([1, 2, 3, 4], [1, 2, 3, 5], 9) == 3
@@ -275,6 +279,26 @@ def test_relay_decision_recomputes_only_at_the_decision_agent():
     for i in set(range(len(relay))) - set(agents):
         assert decision[i]["prefilled_tokens"] > relay[i]["prefilled_tokens"]
     assert any(every[i]["prefilled_tokens"] > relay[i]["prefilled_tokens"] for i in agents if relay[i]["path"] == "relay")
+
+
+@pytest.mark.parametrize("select", ["first", "attention"])
+def test_relay_cap_limits_each_calls_prefill(select):
+    """`+capB` caps a call's prefill at B x its prompt: the picks (and the attention picker's rerun token) take what
+    relay's own prefill leaves, up to R's count. A cap above relay@R's prefill is relay@R; one that leaves m tokens
+    prefills m more than relay (+1 under attention); one below relay's own prefill is relay, bit for bit."""
+    setting = f"relay@1:{select}"
+    lm, ids, base, _ = _relay_and_dense("qwen2", ("relay", setting))
+    relay, full, n, m = base["relay"], base[setting], len(ids), 3
+    rerun = 1 if select == "attention" else 0
+    caps = (1.0, (relay.prefilled_tokens + m + rerun + 0.5) / n, (relay.prefilled_tokens - 0.5) / n)
+    _, _, out, _ = _relay_and_dense("qwen2", [f"{setting}+cap{c!r}" for c in caps])
+    above, some, below = (out[f"{setting}+cap{c!r}"] for c in caps)
+    assert above.prefilled_tokens == full.prefilled_tokens and above.reply_ids == full.reply_ids
+    assert relay.prefilled_tokens + m + rerun == some.prefilled_tokens <= caps[1] * n < full.prefilled_tokens
+    assert below.prefilled_tokens == relay.prefilled_tokens and below.reply_ids == relay.reply_ids
+    torch.testing.assert_close(below.reply.transcript.kv.v, relay.reply.transcript.kv.v, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="relay's options"):
+        ReuseEngine(lm, "reuse", config=ReuseConfig(prefill_cap=0.3))
 
 
 def test_attention_pick_takes_the_most_read_tokens():

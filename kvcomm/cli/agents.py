@@ -18,6 +18,17 @@ from kvcomm.cli.common import (
 )
 
 
+def item_list(value: str) -> tuple[int, ...]:
+    """A comma list of item indices, each >= 0, sorted and without repeats."""
+    try:
+        items = {int(v) for v in value.split(",") if v.strip()}
+    except ValueError:
+        items = {-1}
+    if not items or min(items) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated item indices >= 0, got {value!r}")
+    return tuple(sorted(items))
+
+
 def placeholder_list(value: str) -> tuple[str, ...]:
     """A comma list of placeholder names (`kvcomm.reuse.templates.placeholder_names` checks them)."""
     from kvcomm.reuse.templates import placeholder_names
@@ -63,6 +74,9 @@ def add_parser(sub) -> None:
                         "e.g. reuse+partial+defer")
     p.add_argument("--limit", type=positive_int, default=10,
                    help="workload items (default 10; coding has 164: a larger --limit takes them all)")
+    p.add_argument("--items", type=item_list, default=(),
+                   help="comma-separated item indices (0-based, below --limit) to run instead of all, e.g. to rerun "
+                        "the items whose answers changed; their rows join --out's others (default: all)")
     p.add_argument("--warmup", type=bounded(int, 0), default=2,
                    help="items excluded from the after-warm-up reuse rate and the TTFT medians, counted from where "
                         "each anchor pool started empty: per shard, and again after a resume (default 2)")
@@ -146,7 +160,7 @@ def config_of(args):
     return AgentsConfig(model=args.model, workload=args.workload, agents=args.agents, topology=args.topology,
                         rounds=args.rounds, modes=tuple(args.mode or ("dense", "reuse")), limit=args.limit,
                         warmup=args.warmup, seed=args.seed, concurrency=args.concurrency,
-                        batch_decode=args.batch_decode, shard=args.shard,
+                        batch_decode=args.batch_decode, shard=args.shard, only=args.items,
                         reuse=ReuseConfig(max_new_tokens=args.max_new_tokens, sink_head=args.sink_head,
                                           refresh_tail=args.refresh_tail, kv_precision=args.precision),
                         pool=PoolConfig(max_anchors=args.max_anchors, byte_budget=args.pool_bytes, gamma=args.gamma,

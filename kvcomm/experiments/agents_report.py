@@ -44,6 +44,8 @@ class AgentsConfig:
                  slots (`kvcomm.core.batch_decode`); in bf16 its numerics may differ from batch-1 decoding
     cluster      None runs in this process; a RayConfig runs one Ray actor per agent plus a pool actor
     shard        (K, N): run only the K-th of N contiguous slices of the items (`agents_shards`)
+    only         item indices to run, of the shard's (empty: all): to rerun chosen items, e.g. those whose answers
+                 changed; not a run setting, so their rows join the folder's others (pooled modes see only them)
     """
 
     model: str = "embedded"
@@ -61,6 +63,7 @@ class AgentsConfig:
     pool: PoolConfig = PoolConfig()
     cluster: RayConfig | None = None
     shard: tuple[int, int] = (0, 1)
+    only: tuple[int, ...] = ()
 
 
 def run_meta(lm, c: AgentsConfig, n_items: int) -> dict:
@@ -115,6 +118,10 @@ def run_modes(lm, config: AgentsConfig, progress: bool = True, out: Path | None 
     indices = shard_range(len(workload.items), k, n)
     if not indices:
         raise DataError(f"shard {k}/{n} of {len(workload.items)} items has no items; use fewer shards or a larger --limit")
+    if c.only:
+        if max(c.only) >= len(workload.items):
+            raise DataError(f"item {max(c.only)} is past the {len(workload.items)} items of --limit {c.limit}")
+        indices = [i for i in indices if i in c.only]
     meta = run_meta(lm, c, len(workload.items))
     settings = run_settings(lm, c)
     directory = start_shard(out, k, n, settings, meta, fresh) if out is not None else None

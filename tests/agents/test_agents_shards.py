@@ -102,6 +102,18 @@ def test_an_unsharded_run_may_grow_its_limit(lm, whole, tmp_path, monkeypatch):
     assert len(collect(tmp_path)[2]["dense"]) == 3
 
 
+def test_chosen_items_run_alone_and_join_the_folder(lm, whole, tmp_path):
+    """`only` (--items) runs just those items, with the rows the whole run gives them; the rest of the folder's
+    items fill in later, and an index past --limit is refused."""
+    _, report = whole
+    part = run_modes(lm, replace(CONFIG, only=(1, 3)), progress=False, out=tmp_path)
+    assert [it["index"] for it in part["modes"]["dense"]["items"]] == [1, 3]
+    rest = run_modes(lm, CONFIG, progress=False, out=tmp_path)
+    _same_items(report, rest)
+    with pytest.raises(DataError, match="past the 5 items"):
+        run_modes(lm, replace(CONFIG, only=(5,)), progress=False, out=tmp_path)
+
+
 def test_other_settings_do_not_resume_into_the_same_folder(lm, whole):
     out, _ = whole
     other = replace(CONFIG, seed=1)

@@ -7,7 +7,7 @@ agent's (`relay@R+decision` is `--agents-r 0`); `--cap B` caps each call's prefi
 prefills for it), as `relay@R+capB` does (`ReuseConfig.prefill_cap`); `--budget B` instead spends, call by call,
 what the calls before left of B x dense's prefill of the item (relay's own prefill first). Prints the total against dense's prefill
 (`dense.jsonl` beside it), the mean and median R per call position, and R at the calls `--show` names (item@call,
-e.g. `42@2`: the call the cmp of changed answers names).
+e.g. `42@2`: item 42's third call, as the results READMEs' changed-item lists name the first changed call).
 
     python benchmarks/recompute_cost.py DIR/shard-0-of-1 --agents-r 0 --decision-r 0.1 --rerun 1
     python benchmarks/recompute_cost.py DIR/shard-0-of-1 --agents-r 1 --decision-r 1 --rerun 1 --cap 0.27

@@ -202,9 +202,9 @@ def choose(lm, select: str, fraction: float, ids: list[int], spans, assembled: K
         raise ValueError(f"select must be one of {SELECTORS}, got {select!r}")
     reusable = reusable_positions(spans, assembled.n)
     k = budget(fraction, reusable)
-    if limit is not None:
-        overhead = {"attention": 1, "deviation": math.ceil(assembled.n / lm.model.config.num_hidden_layers)}
-        k = max(0, min(k, limit - overhead.get(select, 0)))
+    ranking = assembled.n / lm.model.config.num_hidden_layers if select == "deviation" else 0.0  # one layer of a prefill
+    if limit is not None:  # the attention picker's rerun token (below) counts as one
+        k = max(0, min(k, limit - (1 if select == "attention" else math.ceil(ranking))))
     if k == 0:
         return [], 0.0, assembled
     if select == "first":
@@ -215,5 +215,4 @@ def choose(lm, select: str, fraction: float, ids: list[int], spans, assembled: K
     if select == "offset":
         scores = offset_scores(value_offsets, assembled.n) if value_offsets is not None else torch.zeros(assembled.n)
         return pick_top(scores, reusable, k), 0.0, assembled
-    layers = lm.model.config.num_hidden_layers
-    return pick_top(layer1_value_deviation(lm, ids, assembled), reusable, k), assembled.n / layers, assembled
+    return pick_top(layer1_value_deviation(lm, ids, assembled), reusable, k), ranking, assembled

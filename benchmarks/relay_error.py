@@ -49,6 +49,7 @@ from kvcomm.reuse.blend import (
     recompute,
     reusable_positions,
     spans_without,
+    without_question,
 )
 from kvcomm.reuse.config import ReuseConfig
 from kvcomm.reuse.engine import ReuseEngine
@@ -83,7 +84,7 @@ def _variant(name: str, lm, ids: list[int], spans, p0: KVBlock, past: KVBlock, f
         kind, r = name.split("@")
         r, _, flag = r.partition("+")
         if flag == "replies":  # relay@R+replies: the question's span is neither picked nor counted in R
-            spans = spans[:1] + spans[2:]
+            spans = without_question(spans)
         reusable = reusable_positions(spans, past.n)
         if kind == "first":
             return recompute(lm, ids, past, pick_first(reusable, budget(float(r), reusable)))

@@ -61,6 +61,11 @@ def spans_without(spans, positions: list[int]):
     return out
 
 
+def without_question(spans):
+    """`spans` less the question's, spans[1] (the user turn after p0): what `+replies` may pick and count in R."""
+    return spans[:1] + spans[2:]
+
+
 def budget(fraction: float, spans: list[tuple[int, int]]) -> int:
     total = sum(b - a for a, b in spans)
     return min(total, math.ceil(fraction * total - 1e-9)) if fraction > 0 else 0

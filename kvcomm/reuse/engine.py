@@ -50,7 +50,7 @@ from kvcomm.core.kv import KVBlock, cache_to_block, move, prefill
 from kvcomm.core.models import LoadedModel
 from kvcomm.reuse.anchors import AgentDelta, AnchorPool, KVPool, content_key, pack, unpacked
 from kvcomm.reuse.assembly import assemble
-from kvcomm.reuse.blend import choose, recompute, spans_without
+from kvcomm.reuse.blend import choose, recompute, spans_without, without_question
 from kvcomm.reuse.config import MODES, ReuseConfig
 from kvcomm.reuse.relay import Transcript, common_prefix, relay_past, with_newest_reply
 from kvcomm.reuse.templates import AgentTemplate, shared_head_ids
@@ -236,7 +236,7 @@ class ReuseEngine:
         picked, extra, over = [], 0.0, past
         steered = cfg.recompute_only is None or agent.agent_id == cfg.recompute_only  # +decision: its calls only
         if covered and cfg.recompute > 0 and steered:  # +replies: the question's span left out; +newest: the header
-            pickable = spans[:1] + spans[2:] if cfg.spare_question else spans
+            pickable = without_question(spans) if cfg.spare_question else spans
             limit = None if cfg.prefill_cap is None else \
                 math.floor(cfg.prefill_cap * len(ids)) - (len(ids) - past.n) - len(header)  # +cap: what relay left
             picked, extra, over = choose(lm, cfg.select, cfg.recompute, ids, spans_without(pickable, header), past, None,

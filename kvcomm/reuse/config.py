@@ -95,10 +95,11 @@ class ReuseConfig:
                     after long replies get few picks. Read off relay's rows (0.5B, float32; `benchmarks/
                     recompute_cost.py ROWS --agents-r 1 --decision-r 1 --rerun 1 --cap 0.27`): 29.1% / 28.3% / 29.7% of
                     dense's prefill on gsm 3 agents / 5 agents / HumanEval, and R = 1 at every call where relay's
-                    changed answers start but one (gsm 5 agents, item 47's judge: 0.85). End to end, `relay@1+cap0.27`
-                    on gsm 5 agents (CPU, float32, the 36 shortest of 50 items, all four of relay's changed answers
-                    among them): 100% of dense's answers, 98% of its calls at 27.7% (relay: 89% / 91% at 19.7%);
-                    results/agents-relay-cap-qwen0.5b-cpu. Not yet run on gsm 3 agents or HumanEval.
+                    changed answers start but one (gsm 5 agents, item 47's judge: 0.85). End to end (GPU, float32,
+                    results/agents-relay-cap-qwen0.5b), `relay@1+cap0.27` meets every 0.5B target: 100% of dense's
+                    answers on gsm 3 and 5 agents, 164/164 on HumanEval, 98-99.8% of calls, at 29.1 / 28.3 / 29.7%.
+                    Not a hard bound: where relay alone spends more than B the call keeps relay's prefill. On 1.5B a
+                    partial pick can move a call relay had right (gsm 5 agents 94%; results/agents-relay-cap-qwen1.5b).
     kv_precision    precision of the KV one agent hands another (replies' KV, stand-alone contents' base
                     KV, relay's transcripts), as a KV message at that precision would deliver it: None = as computed; fp8/int8/
                     int4 quantized then dequantized (`kvcomm.core.quant`), bf16/fp16/fp32 a cast. The local

@@ -48,6 +48,11 @@ def add_parser(sub) -> None:
                    help="while timing, the last N placeholders of every prompt fail the entropy test (default 0: all "
                         "pass), so reuse falls back to dense prefill and +partial recomputes only those")
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of one agent-5 reuse call and of the receiver at each context length, with phase times")
+    p.add_argument("--profile-calls", action="store_true",
+                   help="with the reuse part: after timing each setting, run one more request with its last agent's "
+                        "call under torch.profiler and write profile-<setting>.txt to --out (kernels, and the phases: "
+                        "relay's past, choose and forward; reuse's match, assemble and forward); a reuse part already in --out's "
+                        "bench.json is not run again: add --fresh")
     add_compile_arg(p)
     p.set_defaults(func=cmd_bench)
 
@@ -59,7 +64,7 @@ def cmd_bench(args) -> int:
         return 0
     config = BenchConfig(preset=args.preset, device=args.device, repeats=args.repeats, anchors=args.anchors,
                          parts=args.parts, fresh=args.fresh, reuse_settings=args.reuse_settings,
-                         missing_anchors=args.missing_anchors)
+                         missing_anchors=args.missing_anchors, profile_calls=args.profile_calls)
     run_bench(config, Path(args.out))
     print(f"wrote {Path(args.out) / 'bench.json'}")
     return 0

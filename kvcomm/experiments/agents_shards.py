@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 
 from kvcomm.core.errors import DataError
-from kvcomm.core.files import write_atomic
+from kvcomm.core.files import file_safe, write_atomic
 
 SHARD_DIR = re.compile(r"^shard-(\d+)-of-(\d+)$")
 
@@ -43,7 +43,7 @@ def shard_dir(out: Path, k: int, n: int) -> Path:
 
 def mode_file(directory: Path, mode: str) -> Path:
     """`<mode>.jsonl`; a setting name such as `blend@0.15` is kept, other characters become '_'."""
-    return directory / (re.sub(r"[^A-Za-z0-9@.=+_-]", "_", mode) + ".jsonl")
+    return directory / (file_safe(mode) + ".jsonl")
 
 
 def append_row(path: Path, row: dict) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from kvcomm.core.files import write_atomic
+from kvcomm.core.files import file_safe, write_atomic
 from kvcomm.core.generation import greedy_continue, sync
 from kvcomm.core.kv import KVBlock, cache_to_block, last_prefill_path, prefill, prefill_flops
 from kvcomm.core.message import encode
@@ -50,6 +51,7 @@ from kvcomm.experiments.bench_models import (
     random_request,
 )
 from kvcomm.experiments.bench_peer import bench_peer
+from kvcomm.experiments.profiling import call_profiler, profile_text
 from kvcomm.reuse.anchors import AnchorPool
 from kvcomm.reuse.config import ReuseConfig, parse_setting
 from kvcomm.reuse.engine import ReuseEngine
@@ -61,20 +63,23 @@ PARTS = ("reuse", "sweep", "sharing", "peer")
 ONE_TOKEN = ReuseConfig(max_new_tokens=1)  # TTFT is all a speed benchmark times
 
 def bench_reuse(lm, n_agents: int, prefix: int, user: int, reply: int, anchors: int = 4, repeats: int = 5,
-                modes=("dense", "prefix", "reuse"), progress=None, missing: int = 0) -> dict:
+                modes=("dense", "prefix", "reuse"), progress=None, missing: int = 0, profile_dir: Path | None = None) -> dict:
     """Median TTFT per agent position for each setting in `modes` (`parse_setting` names: dense, prefix,
-    reuse, blend@0.15, cacheblend@0.15, ...)."""
+    reuse, blend@0.15, cacheblend@0.15, ...). With `profile_dir`, one more request per setting, after the
+    measured ones, runs its last agent's call under torch.profiler: `profile-<setting>.txt` there (kernels and
+    the engine's phases; relay: past, choose, forward), so a setting's cost is profiled in the harness that times it."""
 
     vocab = lm.config.vocab_size
     g = torch.Generator().manual_seed(1)
     templates = agent_templates(n_agents, prefix, g, vocab)
 
-    def run(engine, seed, record=True):
+    def run(engine, seed, record=True, watch=None):
         question, replies = random_request(lm, seed, n_agents, user, reply)
         rows = []
         for k, agent in enumerate(templates):
             contents = {"user_question": question, **{f"agent_{j}_current": replies[j] for j in range(k)}}
-            res = engine.call(agent, contents, request=seed)
+            with watch if watch is not None and k == n_agents - 1 else nullcontext():
+                res = engine.call(agent, contents, request=seed)
             rows.append((res.ttft_s * 1e3, res.path, res.prompt_tokens, res.prefilled_tokens, last_prefill_path()))
             if engine.mode == "relay":
                 replies[k].transcript = _relay_transcript(engine, agent, res, replies[k].ids)
@@ -102,6 +107,12 @@ def bench_reuse(lm, n_agents: int, prefix: int, user: int, reply: int, anchors: 
                               "path": measured[-1][k][1], "prompt_tokens": measured[-1][k][2],
                               "prefilled_tokens": measured[-1][k][3], "prefill_path": measured[-1][k][4]})
         out[setting] = {"per_agent": per_agent, "pool_bytes": pool.nbytes, "pool_anchors": pool.stats().anchors}
+        if profile_dir is not None:
+            prof = call_profiler(lm.device)
+            row = run(engine, 2000 + repeats, record=False, watch=prof)[-1]
+            title = f"{setting}, agent {n_agents}: path={row[1]} ttft={row[0]:.1f} ms, prefilled {row[3]} of {row[2]} tokens"
+            profile_dir.mkdir(parents=True, exist_ok=True)
+            (profile_dir / f"profile-{file_safe(setting)}.txt").write_text(profile_text(prof, lm.device, title))
         if progress:
             progress(setting)
         del engine, warm, pool
@@ -247,7 +258,8 @@ class BenchConfig:
     Llama); repeats: measured requests per setting (median reported); anchors: anchors per placeholder in
     the pool while timing; parts: any of reuse, sweep, sharing; fresh: ignore finished parts in the output;
     reuse_settings: the settings of the reuse part (`parse_setting` names); missing_anchors: placeholders
-    per prompt (the last ones) that fail the entropy test while timing (0: none)."""
+    per prompt (the last ones) that fail the entropy test while timing (0: none); profile_calls: write
+    profile-<setting>.txt beside bench.json, one last-agent call of each reuse setting under torch.profiler."""
 
     preset: str = "cpu"
     device: str | None = None
@@ -257,6 +269,7 @@ class BenchConfig:
     fresh: bool = False
     reuse_settings: tuple[str, ...] = ("dense", "prefix", "reuse")
     missing_anchors: int = 0
+    profile_calls: bool = False
 
 
 def run_bench(config: BenchConfig, out: Path) -> dict:
@@ -284,7 +297,8 @@ def run_bench(config: BenchConfig, out: Path) -> dict:
     if "reuse" in parts and "reuse" not in report:
         with console.status(f"reuse: {' / '.join(config.reuse_settings)} …"):
             report["reuse"] = bench_reuse(lm, n_agents, prefix, user, reply, anchors, repeats, config.reuse_settings,
-                                          missing=config.missing_anchors)
+                                          missing=config.missing_anchors,
+                                          profile_dir=out if config.profile_calls else None)
         save()
     if "reuse" in report:
         _print_reuse(console, report["reuse"])

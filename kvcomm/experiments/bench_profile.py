@@ -16,29 +16,17 @@ from kvcomm.core.generation import sync
 from kvcomm.core.kv import last_prefill_path
 from kvcomm.experiments.bench import ONE_TOKEN
 from kvcomm.experiments.bench_models import PRESETS, agent_templates, random_ids, random_model, random_request
+from kvcomm.experiments.profiling import call_profiler, profile_text
 from kvcomm.reuse.anchors import AnchorPool
 from kvcomm.reuse.engine import ReuseEngine
 from kvcomm.sharing.selection import layers_for
 from kvcomm.sharing.send_receive import receive_prefill, send
 
 
-def _phases(prof) -> str:
-    """CPU and device time inside the reuse call's labelled phases (`record_function` ranges in the engine)."""
-    lines = ["phases of the call (ms): CPU total / device total, calls"]
-    for e in prof.key_averages():
-        if e.key.startswith("kvcomm."):
-            device = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0))
-            lines.append(f"  {e.key:<26} {e.cpu_time_total / 1e3:8.2f} / {device / 1e3:8.2f}  x{e.count}")
-    return "\n".join(lines)
-
-
 def profile_calls(preset: str = "gpu", out: Path | None = None, device: str | None = None) -> str:
     """torch.profiler tables for one agent-5 reuse call and one KVComm receiver prefill per context length of the
     preset (where time goes), each with the CPU and device time of the labelled phases."""
-    from torch.profiler import ProfilerActivity, profile
-
     cfg, n_agents, prefix, user, reply, *_, contexts = PRESETS[preset]
-    rows = 40
     lm = random_model(preset, device)
     vocab = lm.config.vocab_size
     g = torch.Generator().manual_seed(1)
@@ -56,25 +44,22 @@ def profile_calls(preset: str = "gpu", out: Path | None = None, device: str | No
     engine.base_kv(q)
     last = templates[-1]
     args = {"user_question": q, **{f"agent_{j}_current": reps[j] for j in range(n_agents - 1)}}
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if lm.device.type == "cuda" else [])
-    sort = "cuda_time_total" if lm.device.type == "cuda" else "cpu_time_total"
     engine.call(last, args, request="p")
     sync(lm.device)
-    with profile(activities=acts) as prof:
+    with call_profiler(lm.device) as prof:
         res = engine.call(last, args, request="p")
         sync(lm.device)
-    text = [f"reuse call, agent {n_agents}: path={res.path} ttft={res.ttft_s * 1e3:.1f} ms",
-            prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60), _phases(prof)]
+    text = [profile_text(prof, lm.device, f"reuse call, agent {n_agents}: path={res.path} ttft={res.ttft_s * 1e3:.1f} ms")]
     for n in contexts:  # the receiver at every context length of the preset
         ctx, qq = random_ids(n, g, vocab), random_ids(32, g, vocab)
         msg = send(lm, ctx).select(layers_for("contiguous", 0.5, lm.num_layers))
         receive_prefill(lm, qq, [msg])
         sync(lm.device)
-        with profile(activities=acts) as prof:
+        with call_profiler(lm.device) as prof:
             receive_prefill(lm, qq, [msg])
             sync(lm.device)
-        text += [f"KVComm receiver prefill, {n} context tokens, 0.5 of layers, path={last_prefill_path()}",
-                 prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60), _phases(prof)]
+        text.append(profile_text(prof, lm.device, f"KVComm receiver prefill, {n} context tokens, 0.5 of layers, "
+                                                  f"path={last_prefill_path()}"))
         del msg
     report = "\n".join(text)
     if out:

@@ -229,7 +229,8 @@ class ReuseEngine:
         the last prompt token run again over the result (`blend.attention_pick`)."""
         lm, cfg = self.lm, self.config
         transcripts = [c.transcript for c in contents.values() if c.transcript]
-        past, covered = relay_past(lm, tkv.p0, ids[tkv.p0.n :], transcripts)
+        with record_function("kvcomm.relay.past"):
+            past, covered = relay_past(lm, tkv.p0, ids[tkv.p0.n :], transcripts)
         header: list[int] = []  # +newest: the positions between the relayed prefix and the relayed newest reply
         if covered and cfg.relay_newest:
             past, header = with_newest_reply(lm, ids, spans, past, transcripts)
@@ -239,10 +240,12 @@ class ReuseEngine:
             pickable = without_question(spans) if cfg.spare_question else spans
             limit = None if cfg.prefill_cap is None else \
                 math.floor(cfg.prefill_cap * len(ids)) - (len(ids) - past.n) - len(header)  # +cap: what relay left
-            picked, extra, over = choose(lm, cfg.select, cfg.recompute, ids, spans_without(pickable, header), past, None,
-                                         limit)
+            with record_function("kvcomm.relay.choose"):  # the picker (attention: its own forward over the rest)
+                picked, extra, over = choose(lm, cfg.select, cfg.recompute, ids, spans_without(pickable, header), past,
+                                             None, limit)
         picked = sorted(set(picked) | set(header))
-        logits, cache = recompute(lm, ids, over, picked)
+        with record_function("kvcomm.relay.forward"):
+            logits, cache = recompute(lm, ids, over, picked)
         return logits, cache, "relay" if covered else "prefix", len(ids) - past.n + len(picked) + round(extra)
 
     def _prefix_call(self, agent: AgentTemplate, ids: list[int]):

@@ -72,3 +72,17 @@ def test_profile_names_the_reuse_call_and_each_receiver(tmp_path):
     assert "reuse call, agent 5: path=reuse" in text
     assert text.count("KVComm receiver prefill") == 2 and text.count("phases of the call") == 3
     assert (tmp_path / "profile.txt").read_text() == text
+
+
+def test_profile_calls_profiles_each_settings_last_call_in_the_timing_harness(tiny, tmp_path):
+    """relay@0.5:attention's picker runs its own forward inside `choose`: the profile of its last agent's call
+    names relay's three phases, and the recompute forward runs once per call."""
+    out = bench_reuse(tiny, n_agents=3, prefix=16, user=USER, reply=REPLY, anchors=1, repeats=1,
+                      modes=("reuse", "relay@0.5:attention"), profile_dir=tmp_path)
+    relay = (tmp_path / "profile-relay@0.5_attention.txt").read_text()
+    last = out["relay@0.5:attention"]["per_agent"][-1]
+    assert relay.startswith("relay@0.5:attention, agent 3: path=relay")
+    assert f"prefilled {last['prefilled_tokens']} of {last['prompt_tokens']} tokens" in relay.splitlines()[0]
+    phases = {line.split()[0]: line.split()[-1] for line in relay.splitlines() if line.startswith("  kvcomm.")}
+    assert phases["kvcomm.relay.past"] == phases["kvcomm.relay.choose"] == phases["kvcomm.relay.forward"] == "x1"
+    assert "kvcomm.reuse.assemble" in (tmp_path / "profile-reuse.txt").read_text()

@@ -110,7 +110,8 @@ def bench_reuse(lm, n_agents: int, prefix: int, user: int, reply: int, anchors: 
         if profile_dir is not None:
             prof = call_profiler(lm.device)
             row = run(engine, 2000 + repeats, record=False, watch=prof)[-1]
-            title = f"{setting}, agent {n_agents}: path={row[1]} ttft={row[0]:.1f} ms, prefilled {row[3]} of {row[2]} tokens"
+            title = (f"{setting}, agent {n_agents}: path={row[1]} ttft={row[0]:.1f} ms (under the profiler), prefilled {row[3]} "
+                     f"of {row[2]} tokens")
             profile_dir.mkdir(parents=True, exist_ok=True)
             (profile_dir / f"profile-{file_safe(setting)}.txt").write_text(profile_text(prof, lm.device, title))
         if progress:

@@ -23,6 +23,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from kvcomm.reuse.blend import cap_room
+
 
 def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
@@ -58,7 +60,7 @@ def main() -> None:
                 rate = args.decision_r if c["agent"] == "decision" else args.agents_r
                 picks = math.ceil(rate * relayed)
                 if args.cap is not None:  # the engine's rule: picks + rerun within what relay's prefill left
-                    picks = max(0, min(picks, math.floor(args.cap * c["prompt_tokens"]) - c["prefilled_tokens"] - args.rerun))
+                    picks = max(0, min(picks, cap_room(args.cap, c["prompt_tokens"], c["prefilled_tokens"]) - args.rerun))
                 if relayed and rate > 0:
                     shares[k].append(picks / relayed)
                 if (r["index"], k) in show:

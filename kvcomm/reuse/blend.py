@@ -66,6 +66,12 @@ def without_question(spans):
     return spans[:1] + spans[2:]
 
 
+def cap_room(cap: float, prompt: int, prefilled: int) -> int:
+    """Tokens a `+capB` call may still prefill after the `prefilled` it spends anyway: floor(B x prompt) minus
+    them (negative: none). `choose(limit=)` takes the picks and the picker's own cost from it."""
+    return math.floor(cap * prompt) - prefilled
+
+
 def budget(fraction: float, spans: list[tuple[int, int]]) -> int:
     total = sum(b - a for a, b in spans)
     return min(total, math.ceil(fraction * total - 1e-9)) if fraction > 0 else 0

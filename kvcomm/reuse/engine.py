@@ -37,7 +37,6 @@ first seen (outside the timed region), as the paper does.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -50,7 +49,7 @@ from kvcomm.core.kv import KVBlock, cache_to_block, move, prefill
 from kvcomm.core.models import LoadedModel
 from kvcomm.reuse.anchors import AgentDelta, AnchorPool, KVPool, content_key, pack, unpacked
 from kvcomm.reuse.assembly import assemble
-from kvcomm.reuse.blend import choose, recompute, spans_without, without_question
+from kvcomm.reuse.blend import cap_room, choose, recompute, spans_without, without_question
 from kvcomm.reuse.config import MODES, ReuseConfig
 from kvcomm.reuse.relay import Transcript, common_prefix, relay_past, with_newest_reply
 from kvcomm.reuse.templates import AgentTemplate, shared_head_ids
@@ -239,7 +238,7 @@ class ReuseEngine:
         if covered and cfg.recompute > 0 and steered:  # +replies: the question's span left out; +newest: the header
             pickable = without_question(spans) if cfg.spare_question else spans
             limit = None if cfg.prefill_cap is None else \
-                math.floor(cfg.prefill_cap * len(ids)) - (len(ids) - past.n) - len(header)  # +cap: what relay left
+                cap_room(cfg.prefill_cap, len(ids), len(ids) - past.n + len(header))  # +cap: what relay left
             with record_function("kvcomm.relay.choose"):  # the picker (attention: its own forward over the rest)
                 picked, extra, over = choose(lm, cfg.select, cfg.recompute, ids, spans_without(pickable, header), past,
                                              None, limit)
